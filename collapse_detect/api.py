@@ -1,0 +1,97 @@
+"""The library entry points: everything the CLI does, callable from Python."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checks import run_checks
+from .diagnosis import Diagnosis
+from .errors import InputError
+from .stats import compute_stats
+
+
+@dataclass
+class RunOptions:
+    text_col: str | None = None
+    text_pair_col: str | None = None
+    label_col: str | None = None
+    label_names: list[str] | None = None
+    batch_size: int = 32
+    max_length: int | None = None
+    max_tokens_per_batch: int | None = None
+    grad_sample: int = 0
+    grad_layers: int | None = None
+    seed: int = 0
+    allow_pickle: bool = False
+    progress: bool = False
+    chunk_rows: int = 8192
+    check_params: dict = field(default_factory=dict)
+    only: list[str] | None = None
+    skip: list[str] | None = None
+
+
+def _versions() -> dict:
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"collapse_detect": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "scikit_learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
+    """Run the checks on computed statistics (re-judging a saved run needs nothing more)."""
+    findings = run_checks(stats, only=options.only, skip=options.skip, params=options.check_params)
+    return Diagnosis(findings, stats, metadata)
+
+
+def diagnose_files(model_dir, data_file, options: RunOptions, on_chunk=None) -> Diagnosis:
+    """Load a checkpoint, probe it over an eval file and judge the result."""
+    from .checkpoint import load_checkpoint
+    from .data import iter_chunks
+    from .probe import ProbeOptions, run_probe
+
+    loaded = load_checkpoint(model_dir, allow_pickle=options.allow_pickle)
+    class_names = loaded.class_names
+    if options.label_names:
+        if len(options.label_names) != len(class_names):
+            raise InputError(f"--label-names gives {len(options.label_names)} names but the model has "
+                             f"{len(class_names)} classes")
+        class_names = list(options.label_names)
+    columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
+                                  text_pair_col=options.text_pair_col, label_col=options.label_col,
+                                  chunk_rows=options.chunk_rows)
+    probe_options = ProbeOptions(batch_size=options.batch_size, max_length=options.max_length,
+                                 max_tokens_per_batch=options.max_tokens_per_batch,
+                                 grad_sample=options.grad_sample, grad_layers=options.grad_layers,
+                                 seed=options.seed, progress=options.progress)
+    started = time.time()
+    callback = None if on_chunk is None else (lambda chunk, probs: on_chunk(chunk, probs, class_names))
+    run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
+    if run.rows == 0:
+        raise InputError(f"data file {str(data_file)!r} has no rows")
+    stats = compute_stats(run.accumulator)
+    stats["model"] = {"generic_label_names": loaded.generic_label_names and not options.label_names}
+    stats["tokenization"] = {
+        "max_length": run.max_length, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
+        "truncated_rows": run.truncated_rows, "truncation_rate": run.truncated_rows / run.rows,
+        "unknown_tokens": run.unknown_tokens, "unknown_token_rate": run.unknown_tokens / max(run.tokens, 1),
+    }
+    metadata = {
+        "model_dir": str(model_dir), "model_name": Path(model_dir).resolve().name,
+        "checkpoint": str(loaded.resolved.path), "checkpoint_reason": loaded.resolved.reason,
+        "weights_file": loaded.weights_file, "architecture": type(loaded.model).__name__,
+        "data_file": str(data_file), "columns": {"text": columns.text, "text_pair": columns.text_pair,
+                                                  "label": columns.label},
+        "rows": run.rows, "seed": options.seed, "probe_seconds": round(run.seconds, 3),
+        "grad_seconds": round(run.grad_seconds, 3), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
+        "versions": _versions(), "notes": list(loaded.notes) + run.notes,
+    }
+    return judge(stats, metadata, options)

@@ -1,0 +1,164 @@
+"""Resolve and load a fine-tuned checkpoint offline and without executing code from it.
+
+Safety rules, because checkpoints in CI are untrusted input:
+- never touch the network (``local_files_only=True`` and ``HF_HUB_OFFLINE``);
+- never run code shipped with the checkpoint (``trust_remote_code=False``);
+- load safetensors only, unless ``allow_pickle`` is set; even then ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError, UnsafeCheckpointError
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Where the weights are and why that folder was chosen."""
+
+    path: Path
+    requested: Path
+    reason: str
+    trainer_state: dict | None = None
+    trainer_state_path: Path | None = None
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: object
+    tokenizer: object
+    class_names: list[str]
+    generic_label_names: bool
+    resolved: ResolvedCheckpoint
+    weights_file: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_checkpoint(model_dir: str | os.PathLike) -> ResolvedCheckpoint:
+    """Find the folder holding the weights.
+
+    ``model_dir`` is either a saved model (``config.json`` inside) or a ``Trainer`` output folder with
+    ``checkpoint-*`` subfolders; then the best checkpoint named by ``trainer_state.json`` is used, else the
+    latest by step number.
+    """
+    requested = Path(model_dir)
+    if not requested.exists():
+        raise CheckpointError(
+            f"model directory {str(requested)!r} does not exist (collapse-detect loads local folders only; "
+            "it never downloads from a model hub)"
+        )
+    if not requested.is_dir():
+        raise CheckpointError(f"model directory {str(requested)!r} is a file; pass the folder that holds config.json")
+
+    if (requested / "config.json").is_file():
+        state_path = requested / "trainer_state.json"
+        state = _read_json(state_path) if state_path.is_file() else None
+        return ResolvedCheckpoint(requested, requested, "the folder holds config.json", state,
+                                  state_path if state else None)
+
+    steps = sorted(
+        ((int(m.group(1)), p) for p in requested.iterdir()
+         if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)) and (p / "config.json").is_file()),
+        key=lambda sp: sp[0],
+    )
+    if not steps:
+        raise CheckpointError(
+            f"model directory {str(requested)!r} has no config.json and no checkpoint-*/config.json; "
+            "pass a folder written by save_pretrained() or a Trainer output_dir"
+        )
+    latest_step, latest = steps[-1]
+    state_path = latest / "trainer_state.json"
+    state = _read_json(state_path) if state_path.is_file() else None
+    best = (state or {}).get("best_model_checkpoint")
+    if best:
+        best_name = Path(best).name
+        for _, p in steps:
+            if p.name == best_name:
+                return ResolvedCheckpoint(p, requested, f"best checkpoint per trainer_state.json ({best_name})",
+                                          state, state_path if state else None)
+    return ResolvedCheckpoint(latest, requested, f"latest checkpoint by step ({latest.name})", state,
+                              state_path if state else None)
+
+
+def _weights_file(path: Path, allow_pickle: bool) -> tuple[str, bool]:
+    for name in SAFE_WEIGHTS:
+        if (path / name).is_file():
+            return name, True
+    for name in PICKLE_WEIGHTS:
+        if (path / name).is_file():
+            if not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{str(path)!r} holds only pickle weights ({name}); loading a pickle can run code. "
+                    "Re-save the model with save_pretrained(safe_serialization=True), or pass --allow-pickle "
+                    "to load it with torch.load(weights_only=True)"
+                )
+            return name, False
+    raise CheckpointError(f"{str(path)!r} holds no weights (expected model.safetensors); pass the folder "
+                          "written by save_pretrained()")
+
+
+def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedCheckpoint:
+    """Load model and tokenizer from a local folder, offline and without remote code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    resolved = resolve_checkpoint(model_dir)
+    path = resolved.path
+    config = _read_json(path / "config.json")
+    if config is None:
+        raise CheckpointError(f"{str(path / 'config.json')!r} is not valid JSON")
+    if config.get("auto_map"):
+        raise UnsafeCheckpointError(
+            f"{str(path / 'config.json')!r} asks for custom code (auto_map); collapse-detect never runs code "
+            "shipped with a checkpoint. Re-save the model with a built-in transformers architecture"
+        )
+    weights_file, safe = _weights_file(path, allow_pickle)
+
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer folder
+        raise CheckpointError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(exc)}") from exc
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, use_safetensors=safe, weights_only=True,
+        )
+    except Exception as exc:
+        raise CheckpointError(f"cannot load a sequence-classification model from {str(path)!r}: "
+                              f"{_first_line(exc)}") from exc
+    model.eval()
+    num_labels = int(model.config.num_labels)
+    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
+    generic = all(GENERIC_LABEL.match(n) for n in class_names)
+    notes = []
+    if generic:
+        notes.append("id2label holds only generic names (LABEL_0, LABEL_1, ...): set id2label/label2id in "
+                     "config.json so reports and downstream users see real class names")
+    if resolved.path != resolved.requested:
+        notes.append(f"checkpoint chosen: {resolved.path.name} ({resolved.reason})")
+    return LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file, notes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,219 @@
+"""Read an eval file in chunks and map its labels onto the model's class ids.
+
+Every problem with the file is an ``InputError`` whose one line names the file, the column, a few offending
+values and the flag that fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+TEXT_COLUMN_NAMES = ("text", "sentence", "content", "review", "document", "body", "headline", "title",
+                     "question", "premise", "sentence1", "text_a", "input", "utterance", "tweet")
+PAIR_COLUMN_NAMES = ("text_pair", "sentence2", "hypothesis", "text_b", "context", "passage")
+LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "gold", "y", "topic")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+           ".pq": "parquet"}
+
+
+@dataclass
+class Columns:
+    text: str
+    label: str
+    text_pair: str | None = None
+
+
+@dataclass
+class Chunk:
+    """Rows of one chunk: ``row_ids`` are positions in the file (0-based, data rows only)."""
+
+    row_ids: np.ndarray
+    texts: list[str]
+    text_pairs: list[str] | None
+    gold: np.ndarray
+
+
+def file_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"{str(path)!r}: unknown file type {suffix or '(none)'!r}; expected one of "
+                         f"{', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
+
+
+def iter_frames(path: str | os.PathLike, chunk_rows: int = 8192) -> Iterator[pd.DataFrame]:
+    """Yield the file as DataFrames of at most ``chunk_rows`` rows, without reading it whole."""
+    fmt = file_format(path)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file {str(path)!r} does not exist")
+    if p.stat().st_size == 0:
+        raise InputError(f"data file {str(path)!r} is empty")
+    try:
+        if fmt in ("csv", "tsv"):
+            reader = pd.read_csv(p, sep="," if fmt == "csv" else "\t", chunksize=chunk_rows,
+                                 keep_default_na=True, na_values=[""], dtype_backend="numpy_nullable")
+            yield from reader
+        elif fmt == "jsonl":
+            yield from pd.read_json(p, lines=True, chunksize=chunk_rows, dtype=False)
+        else:
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(p) as pf:
+                for batch in pf.iter_batches(batch_size=chunk_rows):
+                    yield batch.to_pandas()
+    except InputError:
+        raise
+    except (ValueError, pd.errors.ParserError, OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {str(path)!r} as {fmt}: {str(exc).splitlines()[0][:200]}") from exc
+    except Exception as exc:  # pyarrow raises its own error types for a broken parquet file
+        raise InputError(f"cannot read {str(path)!r} as {fmt}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _is_text(series: pd.Series) -> bool:
+    values = series.dropna()
+    if values.empty:
+        return False
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return False
+    return bool(values.map(lambda v: isinstance(v, str)).all())
+
+
+def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=None, label_col=None) -> Columns:
+    """Pick the text, pair and label columns, honouring explicit choices."""
+    columns = [str(c) for c in frame.columns]
+    lower = {c.lower(): c for c in columns}
+    listed = ", ".join(columns[:12]) + (" ..." if len(columns) > 12 else "")
+
+    def named(name, flag):
+        if name is None:
+            return None
+        if name not in columns:
+            raise InputError(f"{str(path)!r} has no column {name!r} ({flag}); its columns are: {listed}")
+        return name
+
+    text = named(text_col, "--text-col")
+    pair = named(text_pair_col, "--text-pair-col")
+    label = named(label_col, "--label-col")
+    if label is None:
+        label = next((lower[n] for n in LABEL_COLUMN_NAMES if n in lower), None)
+        if label is None:
+            raise InputError(f"{str(path)!r}: no label column found (looked for {', '.join(LABEL_COLUMN_NAMES[:6])}, "
+                             f"...); its columns are: {listed}; pass --label-col")
+    if text is None:
+        text = next((lower[n] for n in TEXT_COLUMN_NAMES if n in lower and lower[n] not in (label, pair)), None)
+    if text is None:
+        string_cols = [c for c in columns if c not in (label, pair) and _is_text(frame[c])]
+        if len(string_cols) == 1:
+            text = string_cols[0]
+        else:
+            found = ", ".join(string_cols) if string_cols else "none"
+            raise InputError(f"{str(path)!r}: cannot tell which column holds the text (string columns: {found}); "
+                             "pass --text-col")
+    if pair is None and text_pair_col is None:
+        candidates = [lower[n] for n in PAIR_COLUMN_NAMES if n in lower and lower[n] not in (text, label)]
+        if candidates and text.lower() in ("sentence1", "premise", "text_a", "question", "text"):
+            pair = candidates[0]
+    return Columns(text=text, label=label, text_pair=pair)
+
+
+class LabelMapper:
+    """Map gold labels (class names or integer ids) onto the model's class ids."""
+
+    def __init__(self, class_names: list[str], path, column: str):
+        self.class_names = list(class_names)
+        self.by_name = {name: i for i, name in enumerate(self.class_names)}
+        self.path = path
+        self.column = column
+
+    def __call__(self, values: pd.Series, row_ids: np.ndarray) -> np.ndarray:
+        k = len(self.class_names)
+        out = np.empty(len(values), dtype=np.int64)
+        bad: list[str] = []
+        missing_rows: list[int] = []
+        for i, v in enumerate(values.tolist()):
+            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+                missing_rows.append(int(row_ids[i]))
+                continue
+            if isinstance(v, str):
+                key = v.strip()
+                if key in self.by_name:
+                    out[i] = self.by_name[key]
+                    continue
+                if key.lstrip("-").isdigit() and 0 <= int(key) < k and key not in self.by_name:
+                    out[i] = int(key)
+                    continue
+            elif isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()):
+                iv = int(v)
+                if 0 <= iv < k:
+                    out[i] = iv
+                    continue
+            if len(bad) < 5 and repr(v) not in bad:
+                bad.append(repr(v))
+            out[i] = -1
+        if missing_rows:
+            raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at row(s) "
+                             f"{', '.join(map(str, missing_rows[:5]))}; every row needs a gold label")
+        if bad:
+            names = ", ".join(self.class_names[:10]) + (" ..." if k > 10 else "")
+            raise InputError(f"{str(self.path)!r}: column {self.column!r} has labels the model does not know: "
+                             f"{', '.join(bad)}; the model's classes are: {names} (or ids 0..{k - 1}); "
+                             "pass --label-names to name the model's ids in order, or --label-col")
+        return out
+
+
+def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: str) -> list[str]:
+    series = frame[column]
+    missing = series.isna().to_numpy()
+    if missing.any():
+        rows = row_ids[np.flatnonzero(missing)[:5]].tolist()
+        raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at row(s) "
+                         f"{', '.join(map(str, rows))}; drop or fill those rows")
+    return [v if isinstance(v, str) else str(v) for v in series.tolist()]
+
+
+def iter_chunks(path, class_names: list[str], *, text_col=None, text_pair_col=None, label_col=None,
+                chunk_rows: int = 8192, row_filter=None) -> tuple[Columns, Iterator[Chunk]]:
+    """Detect the columns from the first chunk and return them with an iterator over all chunks.
+
+    ``row_filter(row_ids) -> bool mask`` keeps a subset (used to shard rows across processes).
+    """
+    frames = iter_frames(path, chunk_rows)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise InputError(f"data file {str(path)!r} has no rows") from None
+    if len(first) == 0:
+        raise InputError(f"data file {str(path)!r} has no rows")
+    columns = detect_columns(first, path, text_col=text_col, text_pair_col=text_pair_col, label_col=label_col)
+    mapper = LabelMapper(class_names, path, columns.label)
+
+    def generate() -> Iterator[Chunk]:
+        start = 0
+        frame = first
+        while frame is not None:
+            for needed in (columns.text, columns.label, columns.text_pair):
+                if needed is not None and needed not in frame.columns:
+                    raise InputError(f"{str(path)!r}: column {needed!r} is missing at row {start}")
+            n = len(frame)
+            row_ids = np.arange(start, start + n, dtype=np.int64)
+            keep = np.ones(n, dtype=bool) if row_filter is None else row_filter(row_ids)
+            sub = frame.iloc[np.flatnonzero(keep)]
+            kept = row_ids[keep]
+            texts = _texts(sub, columns.text, path, kept, "--text-col")
+            pairs = (_texts(sub, columns.text_pair, path, kept, "--text-pair-col")
+                     if columns.text_pair else None)
+            gold = mapper(sub[columns.label], kept)
+            yield Chunk(kept, texts, pairs, gold)
+            start += n
+            frame = next(frames, None)
+
+    return columns, generate()

@@ -1,0 +1,155 @@
+"""Suggested fixes with computed values, and code that runs on the installed transformers.
+
+Every snippet here is executed by the test suite on a tiny model, so what a user copies works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Fix:
+    title: str
+    steps: list[str] = field(default_factory=list)
+    code: str | None = None
+    values: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "steps": list(self.steps), "code": self.code, "values": dict(self.values)}
+
+
+def class_weights(counts) -> np.ndarray:
+    """Balanced class weights n / (k * count_c) (sklearn's "balanced"); classes with no rows get 0."""
+    counts = np.asarray(counts, dtype=float)
+    present = counts > 0
+    n, k = counts.sum(), int(present.sum())
+    weights = np.zeros_like(counts)
+    weights[present] = n / (k * counts[present])
+    return weights
+
+
+def weighted_trainer_code(class_names: list[str], weights, *, learning_rate: float = 2e-5,
+                          weight_decay: float = 0.01, warmup: float = 0.1, epochs: int = 10,
+                          patience: int = 2) -> str:
+    """A complete Trainer set-up with class-weighted loss and early stopping on macro F1.
+
+    Expects ``model``, ``train_dataset`` and ``eval_dataset`` to exist, and runs ``trainer.train()``.
+    """
+    weight_list = ", ".join(f"{w:.4g}" for w in weights)
+    names = ", ".join(repr(str(n)) for n in class_names)
+    return f'''import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+# Class order: [{names}]
+CLASS_WEIGHTS = [{weight_list}]
+
+
+class WeightedLossTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits
+        weight = torch.tensor(CLASS_WEIGHTS, dtype=logits.dtype, device=logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+        return (loss, outputs) if return_outputs else loss
+
+
+def compute_metrics(eval_pred):
+    logits, labels = eval_pred
+    return {{"macro_f1": f1_score(labels, np.argmax(logits, axis=-1), average="macro")}}
+
+
+args = TrainingArguments(
+    output_dir="out-weighted",
+    learning_rate={learning_rate:g},
+    weight_decay={weight_decay:g},
+    warmup_steps={warmup:g},  # a float below 1 is a fraction of the training steps
+    num_train_epochs={epochs},
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    load_best_model_at_end=True,
+    metric_for_best_model="macro_f1",
+    greater_is_better=True,
+    save_total_limit=2,
+    report_to="none",
+)
+trainer = WeightedLossTrainer(
+    model=model,
+    args=args,
+    train_dataset=train_dataset,
+    eval_dataset=eval_dataset,
+    compute_metrics=compute_metrics,
+    callbacks=[EarlyStoppingCallback(early_stopping_patience={patience})],
+)
+trainer.train()
+'''
+
+
+def resampling_code(weights) -> str:
+    """Balanced sampling with a WeightedRandomSampler, the alternative to a weighted loss."""
+    weight_list = ", ".join(f"{w:.4g}" for w in weights)
+    return f'''import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+CLASS_WEIGHTS = torch.tensor([{weight_list}])
+row_weights = CLASS_WEIGHTS[torch.as_tensor(train_labels)]  # train_labels: one class id per training row
+sampler = WeightedRandomSampler(row_weights, num_samples=len(row_weights), replacement=True)
+loader = DataLoader(train_dataset, batch_size=32, sampler=sampler)
+'''
+
+
+def logit_adjustment_code(class_names: list[str], offsets) -> str:
+    """Post-hoc logit adjustment applied to a loaded model's classifier bias (no retraining)."""
+    offset_list = ", ".join(f"{o:.4g}" for o in offsets)
+    return f'''import torch
+
+# Added to the logits of [{", ".join(repr(str(n)) for n in class_names)}]: logit adjustment, no retraining.
+OFFSETS = torch.tensor([{offset_list}])
+head = model.classifier.out_proj if hasattr(model.classifier, "out_proj") else model.classifier
+with torch.no_grad():
+    head.bias += OFFSETS.to(head.bias.dtype)
+model.save_pretrained("model-logit-adjusted")
+'''
+
+
+def imbalance_fix(stats: dict, train_counts=None) -> Fix:
+    """The retraining fix for a majority-class collapse, with class weights filled in."""
+    names = stats["class_names"]
+    if train_counts is not None:
+        counts, source = np.asarray(train_counts, float), "the training labels (--train-file)"
+    else:
+        counts = np.asarray([c["support"] for c in stats["per_class"]], float)
+        source = ("the eval set's label counts, as a stand-in for the training labels "
+                  "(pass --train-file for weights from the real training distribution)")
+    weights = class_weights(counts)
+    shown = ", ".join(f"{n}={w:.3g}" for n, w in zip(names, weights))
+    return Fix(
+        title="Retrain with class-weighted loss, regularization and early stopping",
+        steps=[
+            f"Weight the loss by class: n / (k * count_c) from {source}: {shown}.",
+            "Or resample the training set so every class is seen equally often (WeightedRandomSampler).",
+            "Keep weight decay at 0.01-0.1, a learning rate of 1e-5 to 5e-5 with about 10% warm-up.",
+            "Evaluate every epoch on a stratified validation split and stop early on macro F1 "
+            "(eval_strategy, load_best_model_at_end, EarlyStoppingCallback), not on accuracy or loss.",
+        ],
+        code=weighted_trainer_code(names, weights),
+        values={"class_weights": dict(zip(names, [float(w) for w in weights])), "weights_from": source},
+    )
+
+
+def optimization_fix() -> Fix:
+    return Fix(
+        title="Retrain with a smaller learning rate and warm-up",
+        steps=[
+            "A pretrained encoder whose outputs no longer depend on the input usually diverged: lower the "
+            "learning rate (1e-5 to 5e-5 for BERT-size models), warm up over ~10% of the steps, clip gradients "
+            "(max_grad_norm=1.0).",
+            "Check that the classification head was trained at all (saved after training, not before) and that "
+            "the tokenizer saved with the model is the one it was trained with.",
+        ],
+    )

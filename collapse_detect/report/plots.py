@@ -1,0 +1,157 @@
+"""Plots as PNG bytes (matplotlib, Agg backend, no global state left behind)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"prior": "#9aa5b1", "pred": "#d64545", "ok": "#3f8f5a", "bad": "#d64545", "base": "#555"}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _labels(names: list[str], width: int = 18) -> list[str]:
+    return [n if len(n) <= width else n[: width - 1] + "…" for n in names]
+
+
+def prior_vs_predicted(stats: dict) -> bytes:
+    names = _labels(stats["class_names"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    ax.bar(x - 0.2, stats["label_prior"], 0.4, label="label prior (gold)", color=COLORS["prior"])
+    ax.bar(x + 0.2, stats["prediction_share"], 0.4, label="predicted share", color=COLORS["pred"])
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylabel("share of rows")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Predicted vs gold distribution (total variation {stats['total_variation']:.2f})")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def recall_by_class(stats: dict, floor: float = 0.5) -> bytes:
+    per = stats["per_class"]
+    names = _labels([c["class"] for c in per])
+    recall = [c["recall"] for c in per]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    ax.bar(x, recall, 0.6, color=[COLORS["ok"] if r >= floor else COLORS["bad"] for r in recall])
+    ax.axhline(floor, color=COLORS["base"], ls="--", lw=1, label=f"floor {floor:.2f}")
+    for i, c in enumerate(per):
+        ax.text(i, recall[i] + 0.02, f"{recall[i]:.2f}\nn={c['support']}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("recall")
+    ax.set_title(f"Recall by class (balanced accuracy {stats['balanced_accuracy']:.2f})")
+    ax.legend(frameon=False, loc="upper right")
+    return _png(fig)
+
+
+def confusion_matrix(stats: dict) -> bytes:
+    cm = np.asarray(stats["confusion"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    names = _labels(stats["class_names"], 14)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * k + 2.5), max(3.5, 0.6 * k + 2)))
+    im = ax.imshow(norm, cmap="Reds", vmin=0, vmax=1)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title("Confusion matrix (colour: share of the gold row)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _png(fig)
+
+
+def confidence_histogram(stats: dict) -> bytes:
+    counts = np.asarray(stats["confidence_histogram"]["counts"], dtype=float)
+    bins = stats["confidence_histogram"]["bins"]
+    edges = np.linspace(0, 1, bins + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for c, name in enumerate(stats["class_names"]):
+        if counts[c].sum() == 0:
+            continue
+        ax.step(edges[:-1], counts[c], where="post", label=_labels([name])[0])
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("rows")
+    ax.set_xlim(0, 1)
+    ax.set_title("Confidence by predicted class")
+    ax.legend(frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def gradient_norms(stats: dict, group: str) -> bytes | None:
+    """Box plot of per-example gradient norms by gold class (log scale), from the stored sample."""
+    grad = stats.get("gradients", {}).get(group)
+    samples = stats.get("_grad_samples", {}).get(group)
+    if not grad or not samples:
+        return None
+    names, data = [], []
+    for c, name in enumerate(stats["class_names"]):
+        values = np.asarray(samples[c], dtype=float)
+        values = values[values > 0]
+        if len(values):
+            names.append(_labels([name])[0])
+            data.append(values)
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_yscale("log")
+    ax.set_ylabel("per-example gradient norm")
+    ax.set_title(f"Gradient norm by gold class ({group})")
+    return _png(fig)
+
+
+def gradient_mass(stats: dict, group: str) -> bytes | None:
+    grad = stats.get("gradients", {}).get(group)
+    if not grad:
+        return None
+    per = grad["per_class"]
+    names = _labels([c["class"] for c in per])
+    mass = [c["mass_share"] or 0 for c in per]
+    share = [c["example_share"] or 0 for c in per]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    ax.bar(x - 0.2, share, 0.4, label="share of examples", color=COLORS["prior"])
+    ax.bar(x + 0.2, mass, 0.4, label="share of gradient mass", color=COLORS["pred"])
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Who drives training: gradient mass vs examples ({group})")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def all_plots(stats: dict) -> dict[str, bytes]:
+    """Every plot the report shows, by file name."""
+    plots = {
+        "prior_vs_predicted.png": prior_vs_predicted(stats),
+        "recall_by_class.png": recall_by_class(stats),
+        "confusion_matrix.png": confusion_matrix(stats),
+        "confidence_by_class.png": confidence_histogram(stats),
+    }
+    for group in ("head", "ghost:total"):
+        box = gradient_norms(stats, group)
+        mass = gradient_mass(stats, group)
+        slug = group.replace(":", "_")
+        if box:
+            plots[f"gradient_norms_{slug}.png"] = box
+        if mass:
+            plots[f"gradient_mass_{slug}.png"] = mass
+    return plots

@@ -1,0 +1,130 @@
+"""Renderers: JSON, Markdown, HTML (Jinja2, autoescaped, plots embedded), terminal table. They read a
+Diagnosis and nothing else."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from ..checks import REGISTRY, Severity
+from ..diagnosis import Diagnosis
+
+_env = Environment(loader=PackageLoader("collapse_detect", "report/templates"),
+                   autoescape=select_autoescape(default=True, default_for_string=True), trim_blocks=True,
+                   lstrip_blocks=True)
+_env.filters["pct"] = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+_env.filters["num"] = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"
+
+SEVERITY_ICON = {"error": "ERROR", "fail": "FAIL", "warn": "WARN", "info": "INFO"}
+
+
+def render_json(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
+    return diagnosis.to_json(fail_on) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
+    s = diagnosis.stats
+    d = diagnosis.to_dict(fail_on)
+    meta = diagnosis.metadata
+    lines = [f"# collapse-detect: {d['verdict']}", ""]
+    lines.append(f"- Model: `{_md_escape(meta.get('model_dir', '?'))}`  ")
+    lines.append(f"- Data: `{_md_escape(meta.get('data_file', '?'))}` ({s['n']} rows, {s['k']} classes)  ")
+    worst = d["worst_class"]
+    if worst:
+        lines.append(f"- Worst class: **{_md_escape(worst['class'])}** (recall {worst['recall']:.2f}, "
+                     f"n={worst['support']})  ")
+    lines.append(f"- Accuracy {s['accuracy']:.3f} (majority baseline {s['majority_baseline']['accuracy']:.3f}), "
+                 f"balanced accuracy {s['balanced_accuracy']:.3f}, macro F1 {s['macro_f1']:.3f}, "
+                 f"MCC {s['mcc']:.3f}")
+    if diagnosis.metadata.get("root_cause"):
+        rc = diagnosis.metadata["root_cause"]
+        lines.append(f"- Likely cause: **{_md_escape(rc['label'])}** (confidence {rc['confidence']})")
+    lines += ["", "## Findings", ""]
+    if not diagnosis.findings:
+        lines.append("No findings.")
+    for f in diagnosis.findings:
+        lines.append(f"- **{SEVERITY_ICON[f.severity.value]}** `{f.check_id}`: {_md_escape(f.summary)}")
+        if f.cause:
+            lines.append(f"  - Likely cause: {_md_escape(f.cause)}")
+        if f.fix:
+            lines.append(f"  - Fix: {_md_escape(f.fix.title)}")
+    lines += ["", "## Per class", "",
+              "| class | support | prior | predicted share | precision | recall | F1 | ROC-AUC |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in s["per_class"]:
+        auc = "n/a" if c["roc_auc"] is None else f"{c['roc_auc']:.3f}"
+        lines.append(f"| {_md_escape(c['class'])} | {c['support']} | {c['prior']:.3f} | "
+                     f"{c['prediction_share']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | "
+                     f"{c['f1']:.3f} | {auc} |")
+    fixes_seen = []
+    for f in diagnosis.findings:
+        if f.fix and f.fix.title not in fixes_seen:
+            fixes_seen.append(f.fix.title)
+            lines += ["", f"## Fix: {_md_escape(f.fix.title)}", ""]
+            lines += [f"- {_md_escape(step)}" for step in f.fix.steps]
+            if f.fix.code:
+                lines += ["", "```python", f.fix.code.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def render_html(diagnosis: Diagnosis, plots: dict[str, bytes], fail_on: str = "fail") -> str:
+    d = diagnosis.to_dict(fail_on)
+    fixes = []
+    for f in diagnosis.findings:
+        if f.fix and all(f.fix.title != x.title for x in fixes):
+            fixes.append(f.fix)
+    template = _env.get_template("report.html.j2")
+    return template.render(
+        d=d, s=diagnosis.stats, meta=diagnosis.metadata, findings=diagnosis.findings, fixes=fixes,
+        plots=[(name, _data_uri(png)) for name, png in plots.items()],
+        checks=REGISTRY, icon=SEVERITY_ICON,
+    )
+
+
+def render_compact_html(diagnosis: Diagnosis) -> str:
+    return _env.get_template("compact.html.j2").render(d=diagnosis.to_dict(), s=diagnosis.stats,
+                                                       findings=diagnosis.findings, icon=SEVERITY_ICON)
+
+
+def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str = "fail") -> str:
+    """The short verdict the terminal shows."""
+    d = diagnosis.to_dict(fail_on)
+    s = diagnosis.stats
+    out = [f"collapse-detect: {d['verdict']}  ({s['n']} rows, {s['k']} classes; accuracy {s['accuracy']:.3f}, "
+           f"balanced accuracy {s['balanced_accuracy']:.3f}, majority baseline {s['majority_baseline']['accuracy']:.3f})"]
+    if d["collapsed_classes"]:
+        out.append("collapsed class(es): " + ", ".join(d["collapsed_classes"]))
+    rc = diagnosis.metadata.get("root_cause")
+    if rc:
+        out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']})")
+    width = max([len(c["class"]) for c in s["per_class"]] + [5])
+    width = min(width, 24)
+    out.append("")
+    out.append(f"  {'class':<{width}}  {'support':>7}  {'prior':>6}  {'pred':>6}  {'recall':>6}  {'F1':>5}")
+    for c in s["per_class"]:
+        name = c["class"] if len(c["class"]) <= width else c["class"][: width - 1] + "~"
+        out.append(f"  {name:<{width}}  {c['support']:>7}  {c['prior']:>6.3f}  {c['prediction_share']:>6.3f}  "
+                   f"{c['recall']:>6.3f}  {c['f1']:>5.3f}")
+    out.append("")
+    for f in diagnosis.findings:
+        out.append(f"  [{SEVERITY_ICON[f.severity.value]:<5}] {f.check_id}: {f.summary}")
+    if not diagnosis.findings:
+        out.append("  no findings")
+    if report_path is not None:
+        out.append("")
+        out.append(f"report: {report_path}")
+    return "\n".join(out)
+
+
+def severity_rank(name: str) -> int:
+    return Severity(name).rank

@@ -1,0 +1,414 @@
+"""Statistics as accumulators that merge, and pure functions that turn them into numbers.
+
+Nothing here imports torch. A probe feeds ``Accumulator.update`` chunk by chunk; several accumulators (chunks,
+processes) ``merge`` into one; ``compute_stats`` reads the merged accumulator. Because every field is a sum, a
+histogram or a hash-ordered sample, a chunked run, a multi-process run and a one-shot run give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as sps
+from scipy.spatial.distance import jensenshannon
+from scipy.special import logsumexp
+from sklearn import metrics as skm
+
+SCORE_RANGE = (-30.0, 30.0)
+SCORE_BINS = 3000  # log-odds resolution 0.02: ROC-AUC from these histograms matches sklearn to ~1e-3
+CONF_BINS = 20
+CALIBRATION_BINS = 15
+DEFAULT_SAMPLE_ROWS = 4000
+DEFAULT_GRAD_VALUES = 20000
+
+
+def row_priority(row_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded hash of each row id (splitmix64): the sample is "the rows with the smallest priority",
+    which does not depend on chunking, order or the number of processes."""
+    with np.errstate(over="ignore"):
+        z = row_ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+@dataclass
+class Reservoir:
+    """Keep the ``capacity`` rows with the smallest priority, with any per-row arrays alongside."""
+
+    capacity: int
+    priority: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    arrays: dict = field(default_factory=dict)
+
+    def add(self, priority: np.ndarray, **arrays: np.ndarray) -> None:
+        if len(priority) == 0:
+            return
+        if not self.arrays:
+            self.priority = priority.copy()
+            self.arrays = {k: np.asarray(v).copy() for k, v in arrays.items()}
+        else:
+            self.priority = np.concatenate([self.priority, priority])
+            self.arrays = {k: np.concatenate([self.arrays[k], np.asarray(arrays[k])]) for k in self.arrays}
+        self._trim()
+
+    def _trim(self) -> None:
+        # Sort always (not only when over capacity) so the stored order is the same however rows arrived.
+        order = np.argsort(self.priority, kind="stable")[: self.capacity]
+        self.priority = self.priority[order]
+        self.arrays = {k: v[order] for k, v in self.arrays.items()}
+
+    def merge(self, other: "Reservoir") -> None:
+        if other.arrays:
+            self.add(other.priority, **other.arrays)
+
+    def __len__(self) -> int:
+        return len(self.priority)
+
+
+@dataclass
+class GradAccumulator:
+    """Per-class sums and a hash-ordered sample of one group's per-example gradient norms."""
+
+    k: int
+    capacity: int = DEFAULT_GRAD_VALUES
+    total: np.ndarray = None
+    total_sq: np.ndarray = None
+    count: np.ndarray = None
+    values: list = None
+
+    def __post_init__(self):
+        self.total = np.zeros(self.k) if self.total is None else self.total
+        self.total_sq = np.zeros(self.k) if self.total_sq is None else self.total_sq
+        self.count = np.zeros(self.k, dtype=np.int64) if self.count is None else self.count
+        self.values = [Reservoir(self.capacity) for _ in range(self.k)] if self.values is None else self.values
+
+    def update(self, gold: np.ndarray, norms: np.ndarray, priority: np.ndarray) -> None:
+        ok = np.isfinite(norms)  # NaN marks rows that were not sampled for this group
+        g, v, p = gold[ok], norms[ok].astype(np.float64), priority[ok]
+        np.add.at(self.total, g, v)
+        np.add.at(self.total_sq, g, v * v)
+        np.add.at(self.count, g, 1)
+        for c in np.unique(g):
+            sel = g == c
+            self.values[c].add(p[sel], value=v[sel])
+
+    def merge(self, other: "GradAccumulator") -> None:
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.count += other.count
+        for mine, theirs in zip(self.values, other.values):
+            mine.merge(theirs)
+
+
+class Accumulator:
+    """Everything the statistics need, as mergeable sums, histograms and samples."""
+
+    def __init__(self, class_names: list[str], *, seed: int = 0, sample_rows: int = DEFAULT_SAMPLE_ROWS):
+        self.class_names = list(class_names)
+        self.seed = seed
+        k = self.k = len(class_names)
+        self.n = 0
+        self.confusion = np.zeros((k, k), dtype=np.int64)  # rows: gold, columns: predicted
+        self.prob_sum_by_pred = np.zeros((k, k))
+        self.prob_sum = np.zeros(k)
+        self.prob_sq_sum = np.zeros(k)
+        self.nll_sum = 0.0
+        self.conf_hist = np.zeros((k, CONF_BINS), dtype=np.int64)
+        self.score_hist = np.zeros((k, k, SCORE_BINS), dtype=np.int64)  # [score class, gold class, bin]
+        self.calib_count = np.zeros(CALIBRATION_BINS, dtype=np.int64)
+        self.calib_correct = np.zeros(CALIBRATION_BINS, dtype=np.int64)
+        self.calib_conf_sum = np.zeros(CALIBRATION_BINS)
+        self.sample = Reservoir(sample_rows)
+        self.grad: dict[str, GradAccumulator] = {}
+
+    def update(self, row_ids: np.ndarray, gold: np.ndarray, logits: np.ndarray, *, features=None,
+               grad_norms: dict | None = None) -> None:
+        logits = np.asarray(logits, dtype=np.float64)
+        gold = np.asarray(gold, dtype=np.int64)
+        n, k = logits.shape
+        if k != self.k:
+            raise ValueError(f"logits have {k} columns but the model has {self.k} classes")
+        log_probs = logits - logsumexp(logits, axis=1, keepdims=True)
+        probs = np.exp(log_probs)
+        pred = probs.argmax(axis=1)
+        conf = probs[np.arange(n), pred]
+        self.n += n
+        np.add.at(self.confusion, (gold, pred), 1)
+        np.add.at(self.prob_sum_by_pred, pred, probs)
+        self.prob_sum += probs.sum(axis=0)
+        self.prob_sq_sum += (probs * probs).sum(axis=0)
+        self.nll_sum += float(-log_probs[np.arange(n), gold].sum())
+        np.add.at(self.conf_hist, (pred, _bin(conf, 0.0, 1.0, CONF_BINS)), 1)
+        cal = _bin(conf, 0.0, 1.0, CALIBRATION_BINS)
+        np.add.at(self.calib_count, cal, 1)
+        np.add.at(self.calib_correct, cal, (pred == gold).astype(np.int64))
+        np.add.at(self.calib_conf_sum, cal, conf)
+        scores = log_odds(logits)
+        bins = _bin(scores, *SCORE_RANGE, SCORE_BINS)
+        for c in range(k):
+            np.add.at(self.score_hist[c], (gold, bins[:, c]), 1)
+        priority = row_priority(row_ids, self.seed)
+        arrays = dict(row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, probs=probs.astype(np.float32))
+        if features is not None:
+            arrays["features"] = np.asarray(features, dtype=np.float32)
+        self.sample.add(priority, **arrays)
+        for group, norms in (grad_norms or {}).items():
+            acc = self.grad.setdefault(group, GradAccumulator(self.k))
+            acc.update(gold, np.asarray(norms, dtype=np.float64), priority)
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        if other.class_names != self.class_names:
+            raise ValueError("cannot merge statistics of models with different classes")
+        self.n += other.n
+        for name in ("confusion", "prob_sum_by_pred", "prob_sum", "prob_sq_sum", "conf_hist", "score_hist",
+                     "calib_count", "calib_correct", "calib_conf_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.nll_sum += other.nll_sum
+        self.sample.merge(other.sample)
+        for group, acc in other.grad.items():
+            if group in self.grad:
+                self.grad[group].merge(acc)
+            else:
+                self.grad[group] = acc
+        return self
+
+
+def _bin(x: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    idx = np.floor((np.clip(x, lo, hi) - lo) / (hi - lo) * bins).astype(np.int64)
+    return np.clip(idx, 0, bins - 1)
+
+
+def log_odds(logits: np.ndarray) -> np.ndarray:
+    """log(p_c / (1 - p_c)) for every class, computed from logits so it does not saturate at p -> 1."""
+    logits = np.asarray(logits, dtype=np.float64)
+    n, k = logits.shape
+    out = np.empty_like(logits)
+    for c in range(k):
+        others = np.delete(logits, c, axis=1)
+        out[:, c] = logits[:, c] - (logsumexp(others, axis=1) if k > 1 else -np.inf)
+    return out
+
+
+# ---------------------------------------------------------------- pure functions on arrays
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Half the L1 distance between two distributions: the share of mass that has to move."""
+    return float(0.5 * np.abs(np.asarray(p, float) - np.asarray(q, float)).sum())
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1])."""
+    return float(jensenshannon(np.asarray(p, float), np.asarray(q, float), base=2))
+
+
+def normalized_entropy(p: np.ndarray) -> float:
+    """Shannon entropy of ``p`` divided by log(k): 1 for uniform, 0 for a single class."""
+    p = np.asarray(p, float)
+    if len(p) < 2:
+        return 0.0
+    return float(sps.entropy(p) / math.log(len(p))) if p.sum() > 0 else 0.0
+
+
+def prediction_chisquare(predicted_counts: np.ndarray, label_prior: np.ndarray) -> dict:
+    """Chi-square goodness of fit of the predicted counts against the label prior.
+
+    Classes absent from the gold labels have no expected count; predictions of them are reported apart
+    (``predicted_outside_prior``) and the test runs on the classes that occur.
+    """
+    counts = np.asarray(predicted_counts, float)
+    prior = np.asarray(label_prior, float)
+    present = prior > 0
+    n = counts.sum()
+    inside = counts[present]
+    expected = prior[present] / prior[present].sum() * inside.sum()
+    outside = int(counts[~present].sum())
+    if present.sum() < 2 or inside.sum() == 0:
+        return {"statistic": None, "p_value": None, "dof": int(max(present.sum() - 1, 0)),
+                "predicted_outside_prior": outside}
+    res = sps.chisquare(inside, expected)
+    return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "dof": int(present.sum() - 1),
+            "predicted_outside_prior": outside, "n": int(n)}
+
+
+def _pairs_from_confusion(confusion: np.ndarray):
+    """(y_true, y_pred, weight) with one entry per confusion cell: sklearn metrics with sample_weight
+    on these give exactly the numbers they would give on the expanded rows."""
+    k = confusion.shape[0]
+    gold, pred = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    w = confusion.ravel().astype(float)
+    keep = w > 0
+    return gold.ravel()[keep], pred.ravel()[keep], w[keep]
+
+
+def classification_metrics(confusion: np.ndarray) -> dict:
+    """Per-class precision/recall/F1/support and the summary scores, via sklearn."""
+    k = confusion.shape[0]
+    yt, yp, w = _pairs_from_confusion(confusion)
+    labels = list(range(k))
+    p, r, f, s = skm.precision_recall_fscore_support(yt, yp, labels=labels, sample_weight=w, zero_division=0.0)
+    support = confusion.sum(axis=1)
+    present = support > 0
+    # balanced accuracy and macro F1 over the classes present in the gold labels: a class the eval set does
+    # not contain can be neither recalled nor missed.
+    bal = float(r[present].mean()) if present.any() else 0.0
+    macro_f1 = float(f[present].mean()) if present.any() else 0.0
+    mcc = float(skm.matthews_corrcoef(yt, yp, sample_weight=w)) if len(set(yt) | set(yp)) > 1 else 0.0
+    return {
+        "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.astype(int).tolist(),
+        "accuracy": float(skm.accuracy_score(yt, yp, sample_weight=w)),
+        "balanced_accuracy": bal, "macro_f1": macro_f1, "mcc": mcc,
+    }
+
+
+def balanced_accuracy_test(recall: np.ndarray, support: np.ndarray) -> dict:
+    """Is balanced accuracy above the 1/k of any constant predictor? Normal approximation with
+    var(BA) = sum_c r_c (1 - r_c) / n_c / k^2 (classes independent, binomial recall per class)."""
+    recall = np.asarray(recall, float)
+    support = np.asarray(support, float)
+    present = support > 0
+    k = int(present.sum())
+    if k < 2:
+        return {"chance": None, "gain": None, "se": None, "z": None, "p_value": None}
+    r, n = recall[present], support[present]
+    ba = r.mean()
+    # shrink r toward 1/2 by half a count so a recall of exactly 0 or 1 does not give a zero variance
+    r_adj = (r * n + 0.5) / (n + 1.0)
+    se = float(np.sqrt((r_adj * (1 - r_adj) / n).sum()) / k)
+    chance = 1.0 / k
+    z = float((ba - chance) / se)
+    return {"chance": chance, "gain": float(ba - chance), "se": se, "z": z, "p_value": float(sps.norm.sf(z))}
+
+
+def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """ROC-AUC from score histograms of positives and negatives; ties within a bin count one half,
+    as sklearn counts tied scores."""
+    pos = np.asarray(pos, float)
+    neg = np.asarray(neg, float)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return None
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def majority_baseline(confusion: np.ndarray) -> dict:
+    """What always predicting the most frequent gold class would score."""
+    support = confusion.sum(axis=1)
+    n = support.sum()
+    k = len(support)
+    majority = int(support.argmax())
+    prior = support[majority] / n
+    f1 = np.zeros(k)
+    f1[majority] = 2 * prior / (1 + prior)
+    present = support > 0
+    recall = np.zeros(k)
+    recall[majority] = 1.0
+    return {
+        "class_id": majority, "accuracy": float(prior),
+        "balanced_accuracy": float(1.0 / present.sum()),
+        "macro_f1": float(f1[present].mean()), "f1": f1.tolist(), "recall": recall.tolist(),
+    }
+
+
+def _quantile(values: np.ndarray, q: float) -> float | None:
+    return float(np.quantile(values, q)) if len(values) else None
+
+
+def gradient_stats(grad: dict[str, GradAccumulator], class_names: list[str], majority: int) -> dict:
+    """Per group and class: mean, median, 90th percentile, share of gradient mass vs share of examples,
+    and the ratio of each class's mean norm to the majority class's."""
+    out = {}
+    for group, acc in sorted(grad.items()):
+        count = acc.count.astype(float)
+        total = acc.total.sum()
+        mean = np.divide(acc.total, count, out=np.full(len(count), np.nan), where=count > 0)
+        per_class = []
+        for c, name in enumerate(class_names):
+            values = acc.values[c].arrays.get("value", np.empty(0)) if len(acc.values[c]) else np.empty(0)
+            per_class.append({
+                "class": name, "n": int(count[c]),
+                "mean": None if count[c] == 0 else float(mean[c]),
+                "median": _quantile(values, 0.5), "p90": _quantile(values, 0.9),
+                "mass_share": float(acc.total[c] / total) if total > 0 else None,
+                "example_share": float(count[c] / count.sum()) if count.sum() > 0 else None,
+                "ratio_to_majority": (float(mean[c] / mean[majority])
+                                      if count[c] > 0 and count[majority] > 0 and mean[majority] > 0 else None),
+            })
+        out[group] = {"n": int(count.sum()), "mean": float(total / count.sum()) if count.sum() else None,
+                      "per_class": per_class}
+    return out
+
+
+def compute_stats(acc: Accumulator) -> dict:
+    """Turn a merged accumulator into the statistics every check and renderer reads (a JSON-able dict)."""
+    k, n = acc.k, acc.n
+    if n == 0:
+        raise ValueError("no rows to compute statistics on")
+    confusion = acc.confusion
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    prior = support / n
+    share = predicted / n
+    metrics = classification_metrics(confusion)
+    baseline = majority_baseline(confusion)
+    mean_prob = acc.prob_sum / n
+    score_std = np.sqrt(np.maximum(acc.prob_sq_sum / n - mean_prob**2, 0.0))
+    mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
+    auc = []
+    for c in range(k):
+        pos = acc.score_hist[c, c]
+        neg = acc.score_hist[c].sum(axis=0) - pos
+        auc.append(auc_from_histograms(pos, neg))
+    present_auc = [a for a in auc if a is not None]
+    top = int(share.argmax())
+    per_class = []
+    for c, name in enumerate(acc.class_names):
+        per_class.append({
+            "class": name, "id": c, "support": int(support[c]), "prior": float(prior[c]),
+            "predicted": int(predicted[c]), "prediction_share": float(share[c]),
+            "share_ratio": float(share[c] / prior[c]) if prior[c] > 0 else None,
+            "precision": metrics["precision"][c], "recall": metrics["recall"][c], "f1": metrics["f1"][c],
+            "baseline_f1": baseline["f1"][c], "f1_gain": metrics["f1"][c] - baseline["f1"][c],
+            "recall_gain": metrics["recall"][c] - baseline["recall"][c],
+            "mean_confidence": None if np.isnan(mean_conf[c]) else float(mean_conf[c]),
+            "mean_score": float(mean_prob[c]), "score_std": float(score_std[c]), "roc_auc": auc[c],
+        })
+    calib_bins = []
+    ece = 0.0
+    for b in range(CALIBRATION_BINS):
+        cnt = int(acc.calib_count[b])
+        if cnt:
+            conf = acc.calib_conf_sum[b] / cnt
+            accb = acc.calib_correct[b] / cnt
+            ece += cnt / n * abs(accb - conf)
+            calib_bins.append({"lo": b / CALIBRATION_BINS, "hi": (b + 1) / CALIBRATION_BINS, "n": cnt,
+                               "confidence": float(conf), "accuracy": float(accb)})
+    stats = {
+        "n": int(n), "k": k, "class_names": acc.class_names,
+        "label_prior": prior.tolist(), "prediction_share": share.tolist(),
+        "total_variation": total_variation(share, prior), "js_distance": js_distance(share, prior),
+        "chi_square": prediction_chisquare(predicted, prior),
+        "prediction_entropy": normalized_entropy(share), "label_entropy": normalized_entropy(prior),
+        "top_class": acc.class_names[top], "top_class_id": top, "top_share": float(share[top]),
+        "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+        "macro_f1": metrics["macro_f1"], "mcc": metrics["mcc"],
+        "balanced_accuracy_test": balanced_accuracy_test(metrics["recall"], support),
+        "majority_baseline": {**{k_: v for k_, v in baseline.items() if k_ not in ("f1", "recall")},
+                              "class": acc.class_names[baseline["class_id"]]},
+        "mean_nll": acc.nll_sum / n,
+        "score_spread": float(score_std.max()),
+        "macro_roc_auc": float(np.mean(present_auc)) if present_auc else None,
+        "per_class": per_class, "confusion": confusion.astype(int).tolist(),
+        "confidence_histogram": {"bins": CONF_BINS, "counts": acc.conf_hist.astype(int).tolist()},
+        "calibration": {"ece": float(ece), "bins": calib_bins},
+    }
+    if acc.grad:
+        stats["gradients"] = gradient_stats(acc.grad, acc.class_names, baseline["class_id"])
+        # private (not written to JSON): a hash-ordered sample of norms per class for the box plots
+        stats["_grad_samples"] = {
+            group: [res.arrays.get("value", np.empty(0))[:2000].tolist() if len(res) else [] for res in g.values]
+            for group, g in acc.grad.items()}
+    return stats
