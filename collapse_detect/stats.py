@@ -113,7 +113,7 @@ class Accumulator:
         self.confusion = np.zeros((k, k), dtype=np.int64)  # rows: gold, columns: predicted
         self.prob_sum_by_pred = np.zeros((k, k))
         self.prob_sum = np.zeros(k)
-        self.prob_sq_sum = np.zeros(k)
+        self.prob_m2 = np.zeros(k)  # sum of squared deviations from the mean (Chan et al.'s parallel update)
         self.nll_sum = 0.0
         self.conf_hist = np.zeros((k, CONF_BINS), dtype=np.int64)
         self.score_hist = np.zeros((k, k, SCORE_BINS), dtype=np.int64)  # [score class, gold class, bin]
@@ -134,11 +134,11 @@ class Accumulator:
         probs = np.exp(log_probs)
         pred = probs.argmax(axis=1)
         conf = probs[np.arange(n), pred]
+        chunk_mean = probs.mean(axis=0)
+        self._merge_moments(n, probs.sum(axis=0), ((probs - chunk_mean) ** 2).sum(axis=0))
         self.n += n
         np.add.at(self.confusion, (gold, pred), 1)
         np.add.at(self.prob_sum_by_pred, pred, probs)
-        self.prob_sum += probs.sum(axis=0)
-        self.prob_sq_sum += (probs * probs).sum(axis=0)
         self.nll_sum += float(-log_probs[np.arange(n), gold].sum())
         np.add.at(self.conf_hist, (pred, _bin(conf, 0.0, 1.0, CONF_BINS)), 1)
         cal = _bin(conf, 0.0, 1.0, CALIBRATION_BINS)
@@ -158,11 +158,22 @@ class Accumulator:
             acc = self.grad.setdefault(group, GradAccumulator(self.k))
             acc.update(gold, np.asarray(norms, dtype=np.float64), priority)
 
+    def _merge_moments(self, n_b: int, sum_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Combine sums of squared deviations without the cancellation of sum(x^2) - n mean^2."""
+        n_a = self.n
+        if n_a and n_b:
+            delta = sum_b / n_b - self.prob_sum / n_a
+            self.prob_m2 += m2_b + delta**2 * n_a * n_b / (n_a + n_b)
+        else:
+            self.prob_m2 += m2_b
+        self.prob_sum += sum_b
+
     def merge(self, other: "Accumulator") -> "Accumulator":
         if other.class_names != self.class_names:
             raise ValueError("cannot merge statistics of models with different classes")
+        self._merge_moments(other.n, other.prob_sum, other.prob_m2)
         self.n += other.n
-        for name in ("confusion", "prob_sum_by_pred", "prob_sum", "prob_sq_sum", "conf_hist", "score_hist",
+        for name in ("confusion", "prob_sum_by_pred", "conf_hist", "score_hist",
                      "calib_count", "calib_correct", "calib_conf_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.nll_sum += other.nll_sum
@@ -355,7 +366,7 @@ def compute_stats(acc: Accumulator) -> dict:
     metrics = classification_metrics(confusion)
     baseline = majority_baseline(confusion)
     mean_prob = acc.prob_sum / n
-    score_std = np.sqrt(np.maximum(acc.prob_sq_sum / n - mean_prob**2, 0.0))
+    score_std = np.sqrt(acc.prob_m2 / n)
     mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
     auc = []
     for c in range(k):

@@ -1,0 +1,132 @@
+"""Every check fires on the case it is for and stays silent on a healthy model."""
+
+import numpy as np
+import pytest
+
+from collapse_detect.checks import REGISTRY, Severity, run_checks
+
+from helpers import stats_for
+
+
+def _healthy(seed=0):
+    rng = np.random.default_rng(seed)
+    gold = np.repeat([0, 1, 2], [120, 40, 40])
+    pred = np.where(rng.random(200) < 0.9, gold, rng.integers(0, 3, 200))
+    return stats_for(gold, pred, 3, names=["sports", "politics", "business"], noise=1.0)
+
+
+def _collapsed():
+    gold = np.repeat([0, 1, 2], [120, 40, 40])
+    pred = np.zeros(200, dtype=int)
+    pred[120:122] = 1  # two stray correct politics predictions
+    return stats_for(gold, pred, 3, names=["sports", "politics", "business"], noise=1.0)
+
+
+def _ids(findings, severity=None):
+    return {f.check_id for f in findings if severity is None or f.severity is severity}
+
+
+def test_healthy_model_gets_no_finding():
+    assert run_checks(_healthy()) == []
+
+
+def test_collapsed_model_fires_the_collapse_checks():
+    findings = run_checks(_collapsed())
+    assert _ids(findings, Severity.FAIL) == {"class_never_predicted", "prediction_absorbed",
+                                             "no_better_than_majority"}
+    never = next(f for f in findings if f.check_id == "class_never_predicted")
+    assert never.classes == ["politics", "business"]
+    assert "politics: 2 predicted for 40 gold rows (recall 0.05)" in never.summary
+    assert "business: 0 predicted for 40 gold rows (recall 0.00)" in never.summary
+    absorbed = next(f for f in findings if f.check_id == "prediction_absorbed")
+    assert absorbed.classes == ["sports"]
+    assert absorbed.summary.startswith("'sports' gets 99.0% of predictions against a prior of 60.0% (1.65x;")
+    assert _ids(findings, Severity.WARN) == {"low_recall"}
+
+
+def test_class_never_predicted_respects_min_support_and_ratio():
+    gold = np.repeat([0, 1, 2], [190, 6, 4])
+    pred = np.where(gold == 0, 0, gold)
+    pred[190:196] = 0  # class 1: 6 rows, never predicted; class 2: 4 rows (under min_support), all right
+    s = stats_for(gold, pred, 3)
+    [f] = REGISTRY["class_never_predicted"].func(s)
+    assert f.classes == ["c1"]
+    assert REGISTRY["class_never_predicted"].func(s, min_support=7) == []
+
+
+def test_prediction_absorbed_warns_before_it_fails():
+    gold = np.repeat([0, 1], [500, 500])
+    pred = gold.copy()
+    pred[500:680] = 0  # class 0 gets 68% of predictions against a prior of 50%
+    s = stats_for(gold, pred, 2)
+    [f] = REGISTRY["prediction_absorbed"].func(s)
+    assert f.severity is Severity.WARN and f.classes == ["c0"]
+    pred[500:760] = 0  # 76%: ratio 1.52, excess 0.26
+    [f] = REGISTRY["prediction_absorbed"].func(stats_for(gold, pred, 2))
+    assert f.severity is Severity.FAIL
+
+
+def test_no_better_than_majority_fires_on_a_coin_flip_and_not_on_skill():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 2, 400)
+    coin = rng.integers(0, 2, 400)
+    [f] = REGISTRY["no_better_than_majority"].func(stats_for(gold, coin, 2))
+    assert f.severity is Severity.FAIL
+    assert f.evidence["test"]["gain"] < 0.1
+    good = np.where(rng.random(400) < 0.8, gold, 1 - gold)
+    assert REGISTRY["no_better_than_majority"].func(stats_for(gold, good, 2)) == []
+
+
+def test_constant_output_separates_constant_from_ranked_scores():
+    gold = np.repeat([0, 1, 2], [60, 20, 20])
+    pred = np.zeros(100, dtype=int)
+    constant = stats_for(gold, pred, 3, noise=0.0)
+    [f] = REGISTRY["constant_output"].func(constant)
+    assert f.evidence["score_spread"] == pytest.approx(0.0, abs=1e-9)
+    # same argmax everywhere, but scores that vary with the input: a threshold collapse, not constant output
+    varying = stats_for(gold, pred, 3, noise=1.5, margin=1.0)
+    assert REGISTRY["constant_output"].func(varying) == []
+
+
+def test_low_recall_floor_is_a_threshold():
+    gold = np.repeat([0, 1], [50, 50])
+    pred = gold.copy()
+    pred[50:80] = 0  # class 1 recall 0.4
+    s = stats_for(gold, pred, 2)
+    [f] = REGISTRY["low_recall"].func(s)
+    assert f.classes == ["c1"] and f.evidence["c1"]["recall"] == pytest.approx(0.4)
+    assert REGISTRY["low_recall"].func(s, floor=0.4) == []
+
+
+def test_generic_label_names_is_info_and_does_not_gate():
+    s = _healthy()
+    s["model"] = {"generic_label_names": True}
+    [f] = run_checks(s)
+    assert f.check_id == "generic_label_names" and f.severity is Severity.INFO
+    assert REGISTRY["generic_label_names"].collapse is False
+
+
+def test_a_crashing_check_becomes_an_error_finding_and_others_still_run(monkeypatch):
+    def boom(stats):
+        raise RuntimeError("bad state")
+
+    monkeypatch.setitem(REGISTRY, "boom", REGISTRY["low_recall"].__class__("boom", boom, "t", "m", "fail", True))
+    findings = run_checks(_collapsed())
+    err = [f for f in findings if f.severity is Severity.ERROR]
+    assert [f.check_id for f in err] == ["boom"]
+    assert err[0].summary == "The check crashed: RuntimeError: bad state"
+    assert "class_never_predicted" in _ids(findings)
+
+
+def test_thresholds_are_documented_keyword_defaults():
+    assert REGISTRY["low_recall"].defaults == {"floor": 0.5, "min_support": 5}
+    assert REGISTRY["class_never_predicted"].defaults == {"min_support": 5, "max_share_ratio": 0.1}
+    for spec in REGISTRY.values():
+        assert spec.func.__doc__, spec.check_id
+
+
+def test_fix_for_collapse_names_computed_class_weights():
+    never = next(f for f in run_checks(_collapsed()) if f.check_id == "class_never_predicted")
+    weights = never.fix.values["class_weights"]
+    assert weights == pytest.approx({"sports": 200 / (3 * 120), "politics": 200 / 120, "business": 200 / 120})
+    assert "CLASS_WEIGHTS = [0.5556, 1.667, 1.667]" in never.fix.code

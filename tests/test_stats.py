@@ -1,0 +1,178 @@
+"""Statistics against hand-worked numbers, sklearn, and invariances (shuffle, chunk-and-merge)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from collapse_detect import stats as S
+from collapse_detect.stats import Accumulator, compute_stats
+
+from helpers import logits_for
+
+
+def _two_class_stats():
+    # gold 0: 8 right, 2 called 1; gold 1: 1 called 0, 9 right (n = 20)
+    gold = np.array([0] * 10 + [1] * 10)
+    pred = np.array([0] * 8 + [1] * 2 + [0] * 1 + [1] * 9)
+    acc = Accumulator(["neg", "pos"])
+    acc.update(np.arange(20), gold, logits_for(pred, 2, noise=0.3))
+    return compute_stats(acc)
+
+
+def test_hand_worked_two_class_numbers():
+    s = _two_class_stats()
+    assert s["confusion"] == [[8, 2], [1, 9]]
+    assert s["label_prior"] == [0.5, 0.5]
+    assert s["prediction_share"] == pytest.approx([0.45, 0.55])
+    assert s["total_variation"] == pytest.approx(0.05)
+    assert s["accuracy"] == pytest.approx(0.85)
+    assert s["balanced_accuracy"] == pytest.approx(0.85)
+    per = {c["class"]: c for c in s["per_class"]}
+    assert per["neg"]["recall"] == pytest.approx(0.8)
+    assert per["pos"]["recall"] == pytest.approx(0.9)
+    assert per["neg"]["precision"] == pytest.approx(8 / 9)
+    assert per["pos"]["precision"] == pytest.approx(9 / 11)
+    assert per["neg"]["f1"] == pytest.approx(16 / 19)  # 2TP / (2TP + FP + FN)
+    assert per["pos"]["f1"] == pytest.approx(18 / 21)
+    assert s["macro_f1"] == pytest.approx((16 / 19 + 18 / 21) / 2)
+    assert s["mcc"] == pytest.approx(70 / math.sqrt(11 * 10 * 10 * 9))
+    # chi-square of predicted [9, 11] against expected [10, 10]: (1 + 1) / 10 on 1 dof
+    assert s["chi_square"]["statistic"] == pytest.approx(0.2)
+    assert s["chi_square"]["p_value"] == pytest.approx(0.654721, abs=1e-6)
+    h = -(0.45 * math.log(0.45) + 0.55 * math.log(0.55)) / math.log(2)
+    assert s["prediction_entropy"] == pytest.approx(h)
+    # Jensen-Shannon distance in bits, from its definition
+    m = np.array([0.475, 0.525])
+    kl = lambda p: float(np.sum(p * np.log2(p / m)))  # noqa: E731
+    assert s["js_distance"] == pytest.approx(math.sqrt(0.5 * kl(np.array([0.45, 0.55])) + 0.5 * kl(np.array([0.5, 0.5]))))
+    # majority baseline: ties go to the first class; accuracy 0.5, F1 2p/(1+p) = 2/3 for it
+    assert s["majority_baseline"]["accuracy"] == pytest.approx(0.5)
+    assert per["neg"]["baseline_f1"] == pytest.approx(2 / 3)
+    assert per["neg"]["f1_gain"] == pytest.approx(16 / 19 - 2 / 3)
+
+
+def test_metrics_match_sklearn_on_rows():
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 4, 500)
+    pred = np.where(rng.random(500) < 0.6, gold, rng.integers(0, 4, 500))
+    acc = Accumulator(list("abcd"))
+    acc.update(np.arange(500), gold, logits_for(pred, 4, noise=0.4, seed=1))
+    s = compute_stats(acc)
+    assert s["accuracy"] == pytest.approx(skm.accuracy_score(gold, pred))
+    assert s["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(gold, pred))
+    assert s["macro_f1"] == pytest.approx(skm.f1_score(gold, pred, average="macro"))
+    assert s["mcc"] == pytest.approx(skm.matthews_corrcoef(gold, pred))
+
+
+def test_roc_auc_from_histograms_matches_sklearn():
+    rng = np.random.default_rng(0)
+    n, k = 2000, 3
+    gold = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), gold] += 1.2
+    acc = Accumulator(["a", "b", "c"])
+    acc.update(np.arange(n), gold, logits)
+    s = compute_stats(acc)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for c in range(k):
+        exact = skm.roc_auc_score(gold == c, probs[:, c])
+        assert s["per_class"][c]["roc_auc"] == pytest.approx(exact, abs=2e-3)
+
+
+def test_constant_scores_give_auc_one_half_and_zero_spread():
+    acc = Accumulator(["a", "b"])
+    acc.update(np.arange(50), np.array([0, 1] * 25), np.tile([[2.0, 0.0]], (50, 1)))
+    s = compute_stats(acc)
+    assert s["per_class"][0]["roc_auc"] == pytest.approx(0.5)
+    assert s["score_spread"] == pytest.approx(0.0, abs=1e-12)
+    assert s["prediction_entropy"] == 0.0
+    assert s["balanced_accuracy_test"]["gain"] == pytest.approx(0.0)
+
+
+def test_chi_square_ignores_predictions_of_a_class_absent_from_gold():
+    res = S.prediction_chisquare(np.array([5, 5, 10]), np.array([0.5, 0.5, 0.0]))
+    assert res["predicted_outside_prior"] == 10
+    assert res["statistic"] == pytest.approx(0.0)
+
+
+def test_class_weights_are_balanced_weights():
+    from collapse_detect.fixes import class_weights
+
+    w = class_weights([90, 5, 5])
+    assert w == pytest.approx([100 / (3 * 90), 100 / 15, 100 / 15])
+    assert np.sum(w * np.array([90, 5, 5])) == pytest.approx(100)
+
+
+def _stats_of(row_ids, gold, logits, chunks, grad=True):
+    accs = []
+    for idx in np.array_split(np.arange(len(gold)), chunks):
+        acc = Accumulator(["a", "b", "c"], seed=7, sample_rows=50)
+        norms = {"head": np.abs(logits[idx, 0]) + gold[idx]} if grad else None
+        acc.update(row_ids[idx], gold[idx], logits[idx], features=logits[idx] * 2, grad_norms=norms)
+        accs.append(acc)
+    total = accs[0]
+    for other in accs[1:]:
+        total.merge(other)
+    return compute_stats(total), total
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(10, 300), chunks=st.integers(1, 7), seed=st.integers(0, 10_000))
+def test_shuffle_and_chunk_and_merge_give_identical_numbers(n, chunks, seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) * 2
+    row_ids = np.arange(n)
+    one, acc_one = _stats_of(row_ids, gold, logits, 1)
+    perm = rng.permutation(n)
+    many, acc_many = _stats_of(row_ids[perm], gold[perm], logits[perm], min(chunks, n))
+    assert one["confusion"] == many["confusion"]
+    for key in ("label_prior", "prediction_share", "balanced_accuracy", "macro_f1", "mcc",
+                "total_variation", "js_distance", "prediction_entropy", "macro_roc_auc"):
+        assert one[key] == pytest.approx(many[key], rel=1e-9, abs=1e-12), key
+    for a, b in zip(one["per_class"], many["per_class"]):
+        for key in ("recall", "precision", "f1", "roc_auc", "score_std", "mean_confidence"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+    assert one["gradients"] == many["gradients"] or _close(one["gradients"], many["gradients"])
+    # the seeded sample is the same rows whatever the order and chunking
+    assert sorted(acc_one.sample.arrays["row_id"]) == sorted(acc_many.sample.arrays["row_id"])
+    assert list(acc_one.sample.arrays["row_id"]) == list(acc_many.sample.arrays["row_id"])
+
+
+def _close(a, b):
+    for group in a:
+        for x, y in zip(a[group]["per_class"], b[group]["per_class"]):
+            for key, value in x.items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(y[key], rel=1e-9)
+                else:
+                    assert value == y[key]
+    return True
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0.01, 10), min_size=2, max_size=8), st.lists(st.floats(0.01, 10), min_size=2, max_size=8))
+def test_distribution_distances_are_bounded_and_zero_only_for_equal_inputs(a, b):
+    k = min(len(a), len(b))
+    p = np.array(a[:k]) / sum(a[:k])
+    q = np.array(b[:k]) / sum(b[:k])
+    tv, js = S.total_variation(p, q), S.js_distance(p, q)
+    assert 0 <= tv <= 1 and 0 <= js <= 1
+    assert S.total_variation(p, p) == pytest.approx(0)
+    assert S.js_distance(p, p) == pytest.approx(0, abs=1e-7)
+    if np.abs(p - q).max() > 1e-3:
+        assert tv > 0 and js > 0
+    assert 0 <= S.normalized_entropy(p) <= 1 + 1e-12
+
+
+def test_balanced_accuracy_test_flags_chance_and_passes_skill():
+    chance = S.balanced_accuracy_test([1.0, 0.0, 0.0], [100, 50, 50])
+    assert chance["gain"] == pytest.approx(0.0)
+    assert chance["p_value"] == pytest.approx(0.5)
+    skill = S.balanced_accuracy_test([0.9, 0.85, 0.8], [100, 50, 50])
+    assert skill["gain"] == pytest.approx(0.85 - 1 / 3)
+    assert skill["p_value"] < 1e-6
