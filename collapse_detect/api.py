@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +51,18 @@ def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
     return Diagnosis(findings, stats, metadata)
 
 
-def diagnose_files(model_dir, data_file, options: RunOptions, on_chunk=None) -> Diagnosis:
-    """Load a checkpoint, probe it over an eval file and judge the result."""
+@dataclass
+class ProbeOutcome:
+    """What probing one checkpoint over one eval file produced, before any judgement."""
+
+    loaded: object
+    class_names: list[str]
+    columns: object
+    run: object
+
+
+def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_filter=None) -> ProbeOutcome:
+    """Load a checkpoint and probe it over an eval file (or the rows ``row_filter`` keeps)."""
     from .checkpoint import load_checkpoint
     from .data import iter_chunks
     from .probe import ProbeOptions, run_probe
@@ -67,14 +76,19 @@ def diagnose_files(model_dir, data_file, options: RunOptions, on_chunk=None) -> 
         class_names = list(options.label_names)
     columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
-                                  chunk_rows=options.chunk_rows)
+                                  chunk_rows=options.chunk_rows, row_filter=row_filter)
     probe_options = ProbeOptions(batch_size=options.batch_size, max_length=options.max_length,
                                  max_tokens_per_batch=options.max_tokens_per_batch,
                                  grad_sample=options.grad_sample, grad_layers=options.grad_layers,
                                  seed=options.seed, progress=options.progress)
-    started = time.time()
     callback = None if on_chunk is None else (lambda chunk, probs: on_chunk(chunk, probs, class_names))
     run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
+    return ProbeOutcome(loaded, class_names, columns, run)
+
+
+def diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options: RunOptions) -> Diagnosis:
+    """Statistics, evidence and checks for a finished probe (after any merge across processes)."""
+    run, loaded, columns = outcome.run, outcome.loaded, outcome.columns
     if run.rows == 0:
         raise InputError(f"data file {str(data_file)!r} has no rows")
     stats = compute_stats(run.accumulator)
@@ -91,7 +105,13 @@ def diagnose_files(model_dir, data_file, options: RunOptions, on_chunk=None) -> 
         "data_file": str(data_file), "columns": {"text": columns.text, "text_pair": columns.text_pair,
                                                   "label": columns.label},
         "rows": run.rows, "seed": options.seed, "probe_seconds": round(run.seconds, 3),
-        "grad_seconds": round(run.grad_seconds, 3), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
+        "grad_seconds": round(run.grad_seconds, 3),
         "versions": _versions(), "notes": list(loaded.notes) + run.notes,
     }
     return judge(stats, metadata, options)
+
+
+def diagnose_files(model_dir, data_file, options: RunOptions, on_chunk=None) -> Diagnosis:
+    """Load a checkpoint, probe it over an eval file and judge the result."""
+    outcome = probe_files(model_dir, data_file, options, on_chunk=on_chunk)
+    return diagnosis_from_outcome(outcome, model_dir, data_file, options)
