@@ -42,6 +42,8 @@ class LoadedCheckpoint:
     resolved: ResolvedCheckpoint
     weights_file: str
     notes: list[str] = field(default_factory=list)
+    # parameters the checkpoint did not contain and transformers initialised at random (an untrained head)
+    missing_keys: list[str] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -139,8 +141,9 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise CheckpointError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(exc)}") from exc
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=safe, weights_only=True,
+            output_loading_info=True,
         )
     except Exception as exc:
         raise CheckpointError(f"cannot load a sequence-classification model from {str(path)!r}: "
@@ -156,7 +159,11 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
                      "config.json so reports and downstream users see real class names")
     if resolved.path != resolved.requested:
         notes.append(f"checkpoint chosen: {resolved.path.name} ({resolved.reason})")
-    return LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file, notes)
+    missing = sorted(str(k) for k in (loading_info or {}).get("missing_keys", []) or [])
+    if missing:
+        notes.append(f"{len(missing)} parameter(s) were not in the checkpoint and were initialised at random: "
+                     f"{', '.join(missing[:4])}")
+    return LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file, notes, missing)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -217,13 +217,219 @@ def generic_label_names(stats):
     )]
 
 
+def _evidence(stats, *keys):
+    value = stats.get("evidence") or {}
+    for key in keys:
+        value = (value or {}).get(key)
+    return value
+
+
+@register("threshold_collapse", title="Scores still rank the classes: only the decision threshold collapsed",
+          measures="macro ROC-AUC and the cross-validated gain of a post-hoc logit adjustment", severity="info",
+          collapse=False)
+def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
+    """Info when the macro one-vs-rest ROC-AUC is at least ``min_auc`` and a post-hoc adjustment, measured on
+    held-out folds, raises balanced accuracy by at least ``min_gain``: a fix without retraining exists."""
+    post = stats.get("posthoc")
+    auc = stats.get("macro_roc_auc")
+    if not post or auc is None or auc < min_auc or post["gain"] < min_gain:
+        return []
+    best = post["methods"][post["best"]]
+    before = post["before"]
+    lo, hi = best["balanced_accuracy_ci"] or (None, None)
+    names = stats["class_names"]
+    offsets = post["offsets"]
+    recall_change = ", ".join(f"{names[c]} {before['recall'][i]:.2f}->{best['recall'][i]:.2f}"
+                              for i, c in enumerate(post["labels"]))
+    return [Finding(
+        "threshold_collapse", Severity.INFO,
+        f"The scores still rank the classes (macro ROC-AUC {auc:.3f}); {post['best'].replace('_', ' ')} "
+        f"raises held-out balanced accuracy from {before['balanced_accuracy']:.3f} to "
+        f"{best['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {post['folds']} folds of "
+        f"{post['rows']} rows.",
+        evidence={"macro_roc_auc": auc, "posthoc": post},
+        classes=[names[c] for c in post["labels"]],
+        cause="The decision threshold moved toward the dominant class while the representation kept the "
+              "class information.",
+        fix=Fix(
+            title="Shift the classifier bias (post-hoc logit adjustment, no retraining)",
+            steps=[f"Per-class recall on held-out folds: {recall_change}.",
+                   "Offsets to add to the logits: " + ", ".join(f"{n}={o:+.3f}" for n, o in zip(names, offsets))
+                   + f" (prior from {post['prior_source']}).",
+                   "collapse-detect MODEL DATA --write-fixed DIR writes a checkpoint with these offsets in the "
+                   "classifier bias and re-probes it.",
+                   post["caveat"]],
+            code=fixes.logit_adjustment_code(names, offsets),
+            values={"offsets": dict(zip(names, offsets)), "method": post["best"]},
+        ),
+    )]
+
+
+@register("input_ignored", title="The model ignores its input",
+          measures="agreement with, and distance to, the empty input's output", severity="fail")
+def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0.05):
+    """Fail when at least ``min_agreement`` of rows get the empty input's prediction and their probabilities
+    are within ``max_distance`` (mean total variation) of the empty input's."""
+    null = _evidence(stats, "null_input")
+    if not null or null["agreement"] < min_agreement or null["distance"] > max_distance:
+        return []
+    empty = null["inputs"]["empty"]
+    return [Finding(
+        "input_ignored", Severity.FAIL,
+        f"{null['agreement']:.0%} of rows get the same prediction as an empty input ('{empty['predicted']}'), "
+        f"with probabilities {null['distance']:.3f} away from it on average.",
+        evidence=null, classes=[empty["predicted"]],
+        cause="The output does not depend on the text: a diverged run, an untrained head or unreadable input.",
+        fix=fixes.optimization_fix(),
+    )]
+
+
+@register("untrained_head", title="Classification head untrained or missing from the checkpoint",
+          measures="missing head weights; head bias and weight scale vs initialisation", severity="fail")
+def untrained_head(stats, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2.0)):
+    """Fail when the head's weights were missing from the checkpoint, or its bias is at most ``max_bias`` and
+    its weight std within ``init_ratio`` times the initializer_range."""
+    head = _evidence(stats, "head")
+    if not head:
+        return []
+    missing = head["missing_head_keys"]
+    fresh = head["bias_abs_max"] <= max_bias and init_ratio[0] <= head["weight_std_ratio"] <= init_ratio[1]
+    if not missing and not fresh:
+        return []
+    why = (f"the checkpoint holds no {', '.join(missing)}: the head was initialised at random on load" if missing
+           else f"its bias is zero and its weight std {head['weight_std']:.4f} is the initializer_range "
+                f"{head['initializer_range']}")
+    return [Finding(
+        "untrained_head", Severity.FAIL, f"The classification head was never trained: {why}.",
+        evidence=head,
+        cause="The model was saved before fine-tuning, or only the encoder was saved.",
+        fix=Fix("Save the fine-tuned model, head included",
+                ["Call trainer.save_model() / model.save_pretrained() after training, and check that "
+                 "from_pretrained() reports no newly initialised classifier weights."]),
+    )]
+
+
+@register("label_mapping_mismatch", title="id2label does not match the data's labels",
+          measures="optimal assignment of predicted to gold classes (Hungarian)", severity="fail")
+def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 0.3):
+    """Fail when re-mapping predicted classes (the best assignment, not the identity) reaches balanced
+    accuracy of at least ``min_mapped`` and at least ``min_gain`` above the identity mapping."""
+    perm = _evidence(stats, "label_permutation")
+    if not perm or perm["is_identity"]:
+        return []
+    gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"]
+    if perm["mapped_balanced_accuracy"] < min_mapped or gain < min_gain:
+        return []
+    names = stats["class_names"]
+    mapping = {names[int(p)]: names[int(g)] for p, g in perm["mapping"].items() if int(p) != int(g)}
+    shown = ", ".join(f"predicted '{p}' is gold '{g}'" for p, g in mapping.items())
+    return [Finding(
+        "label_mapping_mismatch", Severity.FAIL,
+        f"The predictions match the labels under a permutation ({shown}): balanced accuracy "
+        f"{perm['identity_balanced_accuracy']:.3f} as named, {perm['mapped_balanced_accuracy']:.3f} re-mapped.",
+        evidence=perm, classes=sorted(mapping),
+        cause="id2label/label2id in config.json were built in a different order than the training labels.",
+        fix=Fix("Fix id2label / label2id", [
+            "Set config.id2label so each id names the class the model learnt for it: "
+            + ", ".join(f"id {stats['class_names'].index(p)} -> '{g}'" for p, g in mapping.items()) + ".",
+            "Build the mapping once (e.g. sorted label names) and pass the same one to training and export."]),
+    )]
+
+
+@register("tokenizer_mismatch", title="The tokenizer does not fit the model or the data",
+          measures="unknown-token rate, truncation rate, tokenizer vocabulary vs embedding rows",
+          severity="warn/fail")
+def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float = 0.3,
+                       warn_truncated: float = 0.2):
+    """Warn at an unknown-token rate of ``warn_unknown`` or truncation of ``warn_truncated`` of rows; fail at
+    ``fail_unknown`` unknown tokens or a tokenizer vocabulary larger than the embedding matrix (or under half
+    of it)."""
+    tok = stats.get("tokenization") or {}
+    fit = _evidence(stats, "tokenizer_fit") or {}
+    unk, trunc = tok.get("unknown_token_rate", 0.0), tok.get("truncation_rate", 0.0)
+    problems, severity = [], None
+    if unk >= fail_unknown or fit.get("vocab_mismatch"):
+        severity = Severity.FAIL
+    elif unk >= warn_unknown or trunc >= warn_truncated:
+        severity = Severity.WARN
+    if severity is None:
+        return []
+    if unk >= warn_unknown:
+        problems.append(f"{unk:.1%} of tokens are the unknown token")
+    if fit.get("vocab_mismatch"):
+        problems.append(f"the tokenizer has {fit['tokenizer_vocab']} tokens for {fit['embedding_rows']} "
+                        "embedding rows")
+    if trunc >= warn_truncated:
+        problems.append(f"{trunc:.0%} of rows are truncated at {tok.get('max_length')} tokens")
+    return [Finding(
+        "tokenizer_mismatch", severity, "Tokenization problem: " + "; ".join(problems) + ".",
+        evidence={**tok, **fit},
+        cause="The tokenizer saved with the model is not the one it was trained with, or the eval text is "
+              "in another language/format than training.",
+        fix=Fix("Use the training tokenizer", [
+            "Save the tokenizer next to the model (tokenizer.save_pretrained(output_dir)) and load both from the "
+            "same folder; raise --max-length if truncation is the problem."]),
+    )]
+
+
+@register("representation_collapse", title="The features carry no class information",
+          measures="linear probe on the pooled features (class-balanced, stratified k-fold)", severity="fail")
+def representation_collapse(stats, *, min_probe_gain: float = 0.1):
+    """Fail when a class-balanced logistic regression on the model's own features stays within
+    ``min_probe_gain`` of chance balanced accuracy: only retraining can help."""
+    probe = _evidence(stats, "linear_probe")
+    if not probe or probe["balanced_accuracy"] - probe["chance"] >= min_probe_gain:
+        return []
+    geo = _evidence(stats, "geometry") or {}
+    return [Finding(
+        "representation_collapse", Severity.FAIL,
+        f"A linear probe on the model's features reaches balanced accuracy {probe['balanced_accuracy']:.3f} "
+        f"(chance {probe['chance']:.3f}); mean cosine between features {geo.get('anisotropy', float('nan')):.3f}, "
+        f"effective rank {geo.get('effective_rank', float('nan')):.1f}.",
+        evidence={"linear_probe": probe, "geometry": geo},
+        cause="The encoder maps every input to (nearly) the same point: typically a too-high learning rate.",
+        fix=fixes.optimization_fix(),
+    )]
+
+
+@register("training_record", title="The training record shows a problem",
+          measures="trainer_state.json log_history: divergence, spikes, learning rate, evaluation",
+          severity="warn", collapse=False)
+def training_record(stats, *, max_learning_rate: float = 1e-4):
+    """Warn when trainer_state.json shows a diverged or spiking loss, a peak learning rate of at least
+    ``max_learning_rate``, collapsing gradient norms, or a run with no evaluation."""
+    rec = _evidence(stats, "training_record")
+    if not rec:
+        return []
+    problems = []
+    if rec.get("diverged") or rec.get("nan_loss"):
+        problems.append(f"the loss diverged (first {rec.get('first_loss')}, last {rec.get('last_loss')}, "
+                        f"minimum {rec.get('min_loss')})")
+    if rec.get("loss_spikes"):
+        problems.append(f"{rec['loss_spikes']} loss spike(s)")
+    if rec.get("max_learning_rate") is not None and rec["max_learning_rate"] >= max_learning_rate:
+        problems.append(f"peak learning rate {rec['max_learning_rate']:.2g}")
+    if rec.get("grad_norm_collapse"):
+        problems.append("gradient norms collapsed toward zero")
+    if rec.get("evaluations", 0) == 0:
+        problems.append("no evaluation during training (no early stopping possible)")
+    if not problems:
+        return []
+    return [Finding("training_record", Severity.WARN, "Training record: " + "; ".join(problems) + ".",
+                    evidence=rec, cause="See the training arguments.", fix=fixes.optimization_fix())]
+
+
+def checks_selected(only=None, skip=None) -> list[str]:
+    """The registered check ids that ``only`` and ``skip`` leave, in registry order."""
+    return [c for c in REGISTRY if not (only and c not in only) and not (skip and c in skip)]
+
+
 def run_checks(stats: dict, *, only=None, skip=None, params: dict | None = None) -> list[Finding]:
     """Run the registered checks; ``params`` maps check id to keyword overrides."""
     params = params or {}
     findings: list[Finding] = []
-    for check_id, spec in REGISTRY.items():
-        if (only and check_id not in only) or (skip and check_id in skip):
-            continue
+    for check_id in checks_selected(only, skip):
+        spec = REGISTRY[check_id]
         try:
             findings.extend(spec.func(stats, **params.get(check_id, {})))
         except Exception as exc:  # a broken check must not hide the others

@@ -51,15 +51,21 @@ def _formats(text):
     return items
 
 
+def _check_list(text):
+    from .config import parse_check_list
+
+    return parse_check_list(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="collapse-detect",
                 description="Probe a fine-tuned classifier on an eval set and report majority-class collapse. "
                             "Exit code 0: no collapse finding at or over --fail-on; 1: collapse found; "
                             "2: bad input or usage.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained(), or a Trainer "
-                   "output_dir with checkpoint-* subfolders")
-    p.add_argument("data", metavar="DATA", help="eval file: .csv, .tsv, .jsonl or .parquet with a text and a "
-                   "label column")
+    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="folder written by save_pretrained(), or a "
+                   "Trainer output_dir with checkpoint-* subfolders (not with --predictions)")
+    p.add_argument("data", metavar="DATA", nargs="?", help="eval file: .csv, .tsv, .jsonl or .parquet with a text "
+                   "and a label column (not with --predictions)")
     p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<model dir name>/)")
     p.add_argument("--text-col", metavar="C", help="text column (default: detected)")
     p.add_argument("--text-pair-col", metavar="C2", help="second text column for sentence pairs")
@@ -83,12 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for every sample the report shows (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin checkpoints (loaded with weights_only=True)")
+    p.add_argument("--train-file", metavar="FILE",
+                   help="training data (same label column): class weights and the training prior come from its "
+                        "labels instead of the eval set's")
+    p.add_argument("--write-fixed", metavar="DIR",
+                   help="write a copy of the checkpoint with the measured post-hoc bias offsets and re-probe it")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no verdict table")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="judge precomputed predictions instead of a model: a file with a gold label column and "
+                        "prob_<class> columns (or a predicted-label column); MODEL_DIR and DATA are then not given")
+    p.add_argument("--pred-col", metavar="P", help="predicted-label column of --predictions (default: detected)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with the settings (default: the nearest "
+                   "pyproject.toml with a [tool.collapse-detect] table, from the working directory upward)")
+    p.add_argument("--set", action="append", metavar="CHECK.PARAM=VALUE", default=None,
+                   help="override a check threshold, e.g. --set low_recall.floor=0.6 (repeatable)")
+    p.add_argument("--only", type=_check_list, metavar="IDS", help="run only these checks (comma-separated)")
+    p.add_argument("--skip", type=_check_list, metavar="IDS", help="skip these checks (comma-separated)")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML file: one test case per check that ran")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .config import load_config, merge_check_params, parse_set
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        config = load_config(parser, argv)
+    except CollapseDetectError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    parser.set_defaults(**config.defaults)  # explicit flags still win: they replace defaults
+    args = parser.parse_args(argv)
+    if args.predictions is not None and (args.model_dir is not None or args.data is not None):
+        parser.error(f"--predictions judges saved predictions without a model; drop MODEL_DIR and DATA "
+                     f"(got {' '.join(x for x in (args.model_dir, args.data) if x)!r})")
+    if args.predictions is None and (args.model_dir is None or args.data is None):
+        parser.error("MODEL_DIR and DATA are required (or pass --predictions FILE to judge saved predictions "
+                     "without a model)")
+    try:
+        args.check_params = merge_check_params(config.check_params, parse_set(args.set))
+    except CollapseDetectError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args.config_file = str(config.path) if config.path else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -102,42 +146,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .api import RunOptions, diagnose_files
+    from .api import RunOptions, diagnosis_from_outcome, probe_files, write_fixed
     from .outputs import OutputWriter
-    from .report import plots as plotting
-    from .report.render import render_html, render_json, render_markdown, render_terminal
+    from .report.render import render_terminal
+    from .report.write import append_step_summary, write_junit, write_report_files
 
-    model_dir = Path(args.model_dir)
-    out_dir = Path(args.out) if args.out else Path("reports") / (model_dir.resolve().name or "model")
+    model_dir = Path(args.model_dir) if args.model_dir is not None else None
+    default_name = model_dir.resolve().name if model_dir is not None else Path(args.predictions).stem
+    out_dir = Path(args.out) if args.out else Path("reports") / (default_name or "model")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {str(out_dir)!r} is a file; pass a folder")
+    if args.write_fixed and Path(args.write_fixed).exists() and (
+            not Path(args.write_fixed).is_dir() or any(Path(args.write_fixed).iterdir())):
+        raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new folder")
+    if args.train_file and not Path(args.train_file).is_file():
+        raise InputError(f"--train-file {args.train_file!r} does not exist")
     label_names = [x.strip() for x in args.label_names.split(",")] if args.label_names else None
     options = RunOptions(
         text_col=args.text_col, text_pair_col=args.text_pair_col, label_col=args.label_col, label_names=label_names,
         batch_size=args.batch_size, max_length=args.max_length, max_tokens_per_batch=args.max_tokens_per_batch,
         grad_sample=args.grad_sample, grad_layers=args.grad_layers, seed=args.seed,
         allow_pickle=args.allow_pickle, progress=(not args.quiet) and sys.stderr.isatty(),
+        train_file=args.train_file, write_fixed=args.write_fixed,
+        check_params=args.check_params, only=args.only, skip=args.skip,
     )
+    if args.predictions is not None and args.write_fixed:
+        raise InputError("--write-fixed needs a model; it cannot be used with --predictions")
     writer = OutputWriter(out_dir, args.format)
     try:
-        diagnosis = diagnose_files(
-            model_dir, args.data, options,
-            on_chunk=lambda chunk, probs, names: writer.write_predictions(chunk.row_ids, chunk.gold, probs, names))
+        if args.predictions is not None:
+            from .predictions import diagnose_predictions
+
+            # the input already is a predictions file: no predictions.csv is written again
+            diagnosis = diagnose_predictions(args.predictions, options, pred_col=args.pred_col)
+        else:
+            outcome = probe_files(
+                model_dir, args.data, options,
+                on_chunk=lambda chunk, probs, names: writer.write_predictions(chunk.row_ids, chunk.gold, probs,
+                                                                              names))
+            diagnosis = diagnosis_from_outcome(outcome, model_dir, args.data, options)
+            if args.write_fixed:
+                diagnosis.metadata["fixed_checkpoint"] = write_fixed(outcome, diagnosis, args.data, options)
         diagnosis.metadata["fail_on"] = args.fail_on
-        plots = plotting.all_plots(diagnosis.stats) if {"html", "png"} & args.format else {}
-        if "json" in args.format:
-            writer.write_text("summary.json", render_json(diagnosis, args.fail_on))
-        if "md" in args.format:
-            writer.write_text("summary.md", render_markdown(diagnosis, args.fail_on))
-        if "png" in args.format:
-            for name, png in plots.items():
-                writer.write_bytes(name, png)
-        if "html" in args.format:
-            writer.write_text("report.html", render_html(diagnosis, plots, args.fail_on))
+        diagnosis.metadata["config"] = args.config_file
+        diagnosis.metadata["check_params"] = args.check_params
+        write_report_files(writer, diagnosis, args.fail_on)
     except BaseException:
         writer.abort()
         raise
     writer.commit()
+    if args.junit:
+        write_junit(args.junit, diagnosis, args.fail_on)
+    append_step_summary(diagnosis, args.fail_on)
     report = out_dir / "report.html" if "html" in args.format else out_dir
     if not args.quiet:
         print(render_terminal(diagnosis, report, args.fail_on))

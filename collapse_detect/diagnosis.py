@@ -15,6 +15,7 @@ class Diagnosis:
     findings: list[Finding]
     stats: dict
     metadata: dict = field(default_factory=dict)
+    root_cause: dict | None = None
 
     @property
     def worst(self) -> Severity | None:
@@ -59,6 +60,7 @@ class Diagnosis:
             "exit_code": self.exit_code(fail_on),
             "fail_on": fail_on,
             "collapsed_classes": self.collapsed_classes,
+            "root_cause": self.root_cause,
             "worst_class": None if worst is None else {k: worst[k] for k in ("class", "recall", "support")},
             "findings": [f.to_dict() for f in self.findings],
             "metadata": self.metadata,

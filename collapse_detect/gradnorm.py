@@ -176,46 +176,122 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def _linear_sq(a: torch.Tensor, g: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-example squared Frobenius norms of ``sum_t g_t a_t^T`` and ``sum_t g_t``.
+def _ghost_is_cheaper(T: int, d: int, p: int) -> bool:
+    """Time rule: two (T x T) Grams cost T^2 (d + p) per example, the (d x p) product T d p.
 
-    ``a``: (B, T, d) inputs, ``g``: (B, T, p) output gradients, padding already zeroed in ``g``.
+    Li et al.'s ``2 T^2 < d p`` compares memory instead; here the materialising route is chunked
+    over examples (:data:`_MATERIALISE_BYTES`), so memory is bounded either way and the rule
+    can follow the arithmetic.
+    """
+    return T * (d + p) < d * p
+
+
+# Upper bound on the (chunk, d, p) per-example gradients held at once by the materialising route.
+_MATERIALISE_BYTES = 64 * 2**20
+
+
+def _masked_sum(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """sum_t m_t g_t as one batched matmul (one pass over g, no masked copy)."""
+    if mask is None:
+        return g.sum(1)
+    return torch.bmm(mask.unsqueeze(1), g).squeeze(1)
+
+
+def _gram(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Masked input Gram matrix (B, T, T): zeroing row and column t drops position t."""
+    aa = torch.bmm(a, a.transpose(1, 2))
+    if mask is not None:
+        aa = aa * (mask.unsqueeze(2) * mask.unsqueeze(1))
+    return aa
+
+
+def _linear_sq(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    has_bias: bool,
+    mask: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example squared Frobenius norms of ``sum_t m_t g_t a_t^T`` and ``sum_t m_t g_t``.
+
+    Parameters
+    ----------
+    a : (B, T, d) inputs.
+    g : (B, T, p) output gradients.
+    has_bias : whether to return the bias term.
+    mask : (B, T) 0/1 weights in the compute dtype, or None for all positions.
+    gram : optional precomputed ``_gram(a, mask)`` (Linears that share an input share it).
+
+    Returns
+    -------
+    (w, b) : (B,) float64 tensors; b is None without bias.
     """
     dt = _compute_dtype(a, g)
     a, g = a.to(dt), g.to(dt)
     B, T, d = a.shape
     p = g.shape[-1]
     if T == 1:
-        w = a.square().sum((1, 2), dtype=torch.float64) * g.square().sum((1, 2), dtype=torch.float64)
-    elif 2 * T * T < d * p:
-        # Ghost norm: ||A^T G||_F^2 = <A A^T, G G^T>_F, O(T^2 (d + p)) instead of O(T d p).
-        w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
+        w = a.square().sum((1, 2)) * g.square().sum((1, 2))
+        if mask is not None:
+            w = w * mask[:, 0]
+    elif _ghost_is_cheaper(T, d, p):
+        # Ghost norm: ||A^T G||_F^2 = <A A^T, G G^T>_F.
+        aa = _gram(a, mask) if gram is None else gram
+        w = (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     else:
-        # Long sequences: the (d, p) per-example gradient is the smaller object.
-        w = torch.bmm(a.transpose(1, 2), g).square().sum((1, 2), dtype=torch.float64)
-    b = g.sum(1).square().sum(1, dtype=torch.float64) if has_bias else None
-    return w, b
+        if mask is not None:
+            if d <= p:
+                a = a * mask.unsqueeze(-1)
+            else:
+                g = g * mask.unsqueeze(-1)
+        step = max(1, _MATERIALISE_BYTES // (d * p * a.element_size()))
+        w = torch.cat([torch.bmm(a[i:i + step].transpose(1, 2), g[i:i + step]).square().sum((1, 2))
+                       for i in range(0, B, step)])
+    b = _masked_sum(g, mask).square().sum(1).double() if has_bias else None
+    return w.double(), b
 
 
-def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+def _embedding_sq(
+    ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-example squared norm of the sparse embedding gradient.
 
-    The per-example gradient puts ``sum_{t: id_t = v} g_t`` into row ``v``; summing the
-    gradients per (example, id) pair with ``index_add`` is O(B T d), cheaper than the
-    O(B T^2 d) same-id mask and equally exact.
+    The per-example gradient puts ``sum_{t: id_t = v} g_t`` into row ``v``. Sorting each row's
+    ids makes equal ids adjacent, so runs can be summed with one ``index_add`` -- O(B T d)
+    rather than the O(B T^2 d) same-id mask, and equally exact.
+
+    Parameters
+    ----------
+    ids : (B, T) int ids.
+    g : (B, T, d) output gradients.
+    num_embeddings : table size (ids lie in [0, num_embeddings)).
+    keep : (B, T) bool, positions that count (None: all).
     """
     dt = _compute_dtype(g)
     B = g.shape[0]
     g = g.reshape(B, -1, g.shape[-1]).to(dt)
     ids = ids.reshape(B, -1).to(torch.int64)
-    key = (torch.arange(B, device=ids.device).unsqueeze(1) * num_embeddings + ids).reshape(-1)
-    uniq, inv = torch.unique(key, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), g.shape[-1], dtype=dt, device=g.device)
-    summed.index_add_(0, inv, g.reshape(-1, g.shape[-1]))
-    row_sq = summed.square().sum(1, dtype=torch.float64)
-    out = torch.zeros(B, dtype=torch.float64, device=g.device)
-    out.index_add_(0, torch.div(uniq, num_embeddings, rounding_mode="floor"), row_sq)
-    return out
+    T, d = g.shape[1], g.shape[2]
+    if keep is not None:
+        # Dropped positions get an id of their own (num_embeddings) and a zero gradient.
+        ids = torch.where(keep, ids, num_embeddings)
+        g = g * keep.unsqueeze(-1).to(dt)
+    sorted_ids, order = torch.sort(ids, dim=1)
+    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_run[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    if bool(new_run.all()):
+        # No id repeats within a row (e.g. position ids): the rows are disjoint.
+        return g.square().sum((1, 2)).double()
+    # Run index, unique across the batch: rows of the summed gradient.
+    run = torch.cumsum(new_run.reshape(-1), 0) - 1
+    g_sorted = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d)).reshape(-1, d)
+    summed = torch.zeros(int(run[-1]) + 1, d, dtype=dt, device=g.device)
+    summed.index_add_(0, run, g_sorted)
+    row_of_run = torch.zeros(summed.shape[0], dtype=torch.int64, device=g.device)
+    row_of_run[run] = torch.arange(B, device=g.device).repeat_interleave(T)
+    out = torch.zeros(B, dtype=dt, device=g.device)
+    out.index_add_(0, row_of_run, summed.square().sum(1))
+    return out.double()
 
 
 def _layernorm_xhat(x: torch.Tensor, module: nn.LayerNorm) -> torch.Tensor:
@@ -223,16 +299,17 @@ def _layernorm_xhat(x: torch.Tensor, module: nn.LayerNorm) -> torch.Tensor:
     dt = _compute_dtype(x)
     k = len(module.normalized_shape)
     x = x.to(dt).reshape(*x.shape[: x.dim() - k], -1)
-    mean = x.mean(-1, keepdim=True)
-    var = x.var(-1, unbiased=False, keepdim=True)
+    var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + module.eps)
 
 
-def _layernorm_sq(xhat: torch.Tensor, g: torch.Tensor, has_weight: bool, has_bias: bool):
+def _layernorm_sq(xhat: torch.Tensor, g: torch.Tensor, has_weight: bool, has_bias: bool,
+                  mask: torch.Tensor | None = None):
+    """Per-example squared norms of ``sum_t m_t g_t * xhat_t`` (weight) and ``sum_t m_t g_t``."""
     dt = _compute_dtype(xhat, g)
     g = g.to(dt)
-    w = (g * xhat).sum(1).square().sum(1, dtype=torch.float64) if has_weight else None
-    b = g.sum(1).square().sum(1, dtype=torch.float64) if has_bias else None
+    w = _masked_sum(g * xhat, mask).square().sum(1).double() if has_weight else None
+    b = _masked_sum(g, mask).square().sum(1).double() if has_bias else None
     return w, b
 
 
@@ -278,7 +355,7 @@ class _Site:
             return None
         x = args[0]
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+            return (self.owner._root(x),) + tuple(args[1:])
         return None
 
     def forward_hook(self, module, args, output):
@@ -297,13 +374,13 @@ class _Site:
                 # receive one gradient per example.
                 output = replaced = output.expand(batch, *output.shape[1:])
                 ids = ids.expand(batch, *ids.shape[1:])
-            saved = ids.detach()
+            slot = {"x": ids.detach(), "pending": 1}
         else:
             if not output.requires_grad:
                 return None
-            saved = x.detach()
+            slot = self.owner._slot(x)
         idx = len(self.calls)
-        self.calls.append({"x": saved, "g": None})
+        self.calls.append({"slot": slot, "g": None})
         output.register_hook(lambda grad, idx=idx: self._grad_hook(idx, grad))
         return replaced
 
@@ -318,55 +395,85 @@ class _Site:
                 self.finalize()
         return None
 
+    def _ln_view(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, positions, normalized size): LayerNorm weights are shared over the positions."""
+        n = math.prod(self.module.normalized_shape)
+        return t.reshape(1 if t.dim() == len(self.module.normalized_shape) else t.shape[0], -1, n)
+
+    def _zero_grad_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return x.new_zeros(*x.shape[:-1], self.module.out_features)
+        if self.kind == "embedding":
+            return torch.zeros(*x.shape, self.module.embedding_dim, device=x.device)
+        return torch.zeros_like(x)
+
     def finalize(self) -> None:
         if self.sq or not self.calls:
             return
-        mask = self.owner._mask
-        xs, gs = [], []
-        for c in self.calls:
-            x, g = c["x"], c["g"]
-            if g is None:
-                # An output that never reached the loss contributes nothing.
-                width = {"linear": getattr(self.module, "out_features", 0),
-                         "embedding": getattr(self.module, "embedding_dim", 0)}.get(self.kind)
-                shape = x.shape if width is None else (*x.shape[: x.dim() - (self.kind == "linear")], width)
-                g = torch.zeros(shape, dtype=torch.float32, device=x.device)
-            if self.kind == "embedding":
-                g = g.reshape(g.shape[0], -1, g.shape[-1])
-                x = x.reshape(x.shape[0], -1)
-                keep = torch.ones_like(x, dtype=torch.bool)
-                if self.module.padding_idx is not None:
-                    # The padding_idx row never receives a gradient.
-                    keep &= x != self.module.padding_idx
-            else:
-                if self.kind == "layernorm":
-                    x = _layernorm_xhat(x, self.module)
-                g = _as_btd(g)
-                x = _as_btd(x)
-                keep = None
-            if mask is not None and g.shape[:2] == mask.shape:
-                m = mask.to(torch.bool)
-                keep = m if keep is None else keep & m
-            if keep is not None:
-                g = g * keep.unsqueeze(-1).to(g.dtype)
-            xs.append(x)
-            gs.append(g)
-        # Several calls of one module share its parameters: their per-example gradients add,
-        # which is the same as one call over the concatenated positions.
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
-        g = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
         mod = self.module
-        if self.kind == "linear":
-            w, b = _linear_sq(x, g, mod.bias is not None)
-        elif self.kind == "embedding":
-            w, b = _embedding_sq(x, g, mod.num_embeddings), None
+        calls, self.calls = self.calls, []
+        for c in calls:
+            if c["g"] is None:
+                # An output that never reached the loss contributes nothing.
+                c["g"] = self._zero_grad_for(c["slot"]["x"])
+        if self.kind == "embedding":
+            ids = [c["slot"]["x"].reshape(c["g"].shape[0], -1) for c in calls]
+            gs = [c["g"].reshape(c["g"].shape[0], -1, c["g"].shape[-1]) for c in calls]
+            keeps = []
+            for i in ids:
+                keep = self.owner._keep(i.shape)
+                if mod.padding_idx is not None:
+                    # The padding_idx row never receives a gradient.
+                    pad_ok = i != mod.padding_idx
+                    keep = pad_ok if keep is None else keep & pad_ok
+                keeps.append(keep if keep is not None else torch.ones_like(i, dtype=torch.bool))
+            w = _embedding_sq(torch.cat(ids, 1), torch.cat(gs, 1), mod.num_embeddings, torch.cat(keeps, 1))
+            self.sq["weight"] = w
+            return
+
+        dt = _compute_dtype(calls[0]["slot"]["x"], calls[0]["g"])
+        if len(calls) == 1:
+            slot, g = calls[0]["slot"], _as_btd(calls[0]["g"])
+            x = _as_btd(slot["x"])
+            mask = self.owner._float_mask(x.shape[:2], dt)
+            if self.kind == "linear":
+                gram = None
+                T, d, p = x.shape[1], x.shape[2], g.shape[2]
+                if T > 1 and _ghost_is_cheaper(T, d, p):
+                    # q, k and v read the same hidden states: one Gram for the three.
+                    if slot.get("gram") is None:
+                        slot["gram"] = _gram(x.to(dt), mask)
+                    gram = slot["gram"]
+                w, b = _linear_sq(x, g, mod.bias is not None, mask, gram)
+            else:
+                xhat = self._ln_view(_layernorm_xhat(slot["x"], mod))
+                g = self._ln_view(calls[0]["g"])
+                mask = self.owner._float_mask(xhat.shape[:2], dt)
+                w, b = _layernorm_sq(xhat, g, mod.weight is not None, mod.bias is not None, mask)
+            self.owner._release(slot)
         else:
-            w, b = _layernorm_sq(x, g, mod.weight is not None, mod.bias is not None)
+            # Several calls of one module share its parameters: their per-example gradients add,
+            # which is one call over the concatenated positions.
+            xs, gs, ms = [], [], []
+            for c in calls:
+                if self.kind == "layernorm":
+                    x, g = self._ln_view(_layernorm_xhat(c["slot"]["x"], mod)), self._ln_view(c["g"])
+                else:
+                    x, g = _as_btd(c["slot"]["x"]), _as_btd(c["g"])
+                m = self.owner._float_mask(x.shape[:2], dt)
+                xs.append(x)
+                gs.append(g)
+                ms.append(m if m is not None else x.new_ones(x.shape[:2], dtype=dt))
+                self.owner._release(c["slot"])
+            x, g, mask = torch.cat(xs, 1), torch.cat(gs, 1), torch.cat(ms, 1)
+            if self.kind == "linear":
+                w, b = _linear_sq(x, g, mod.bias is not None, mask)
+            else:
+                w, b = _layernorm_sq(x, g, mod.weight is not None, mod.bias is not None, mask)
         if w is not None:
             self.sq["weight"] = w
         if b is not None:
             self.sq["bias"] = b
-        self.calls = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +620,7 @@ class GhostNorms:
         self._batch_size: int | None = None
         self._forwards = 0
         self._active = False
+        self._reset_forward()
 
     def _embedding_prefixes(self) -> list[str]:
         """Prefixes of the modules that hold the embedding tables (e.g. ``bert.embeddings.``)."""
@@ -530,6 +638,53 @@ class GhostNorms:
                 prefixes.add(parent + ".")
         return sorted(prefixes)
 
+    # -- per-forward state --------------------------------------------------------------------
+
+    def _reset_forward(self) -> None:
+        for site in self.sites:
+            site.reset()
+        self._roots = {}
+        self._slots = {}
+        self._mask_cache = {}
+
+    def _root(self, x: torch.Tensor) -> torch.Tensor:
+        """One graph root per input tensor, so modules reading the same input share it."""
+        hit = self._roots.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = (x, x.detach().requires_grad_(True))
+            self._roots[id(x)] = hit
+        return hit[1]
+
+    def _slot(self, x: torch.Tensor) -> dict[str, Any]:
+        """Shared record of one input tensor (holding x keeps its id from being reused)."""
+        slot = self._slots.get(id(x))
+        if slot is None or slot["ref"] is not x:
+            slot = {"ref": x, "x": x.detach(), "pending": 0, "gram": None}
+            self._slots[id(x)] = slot
+        slot["pending"] += 1
+        return slot
+
+    def _release(self, slot: dict[str, Any]) -> None:
+        slot["pending"] -= 1
+        if slot["pending"] <= 0:
+            slot["gram"] = None
+
+    def _keep(self, shape) -> torch.Tensor | None:
+        """(B, T) bool positions that count, when ``shape`` is the padded token grid."""
+        m = self._mask
+        if m is None or tuple(shape) != tuple(m.shape):
+            return None
+        return m != 0
+
+    def _float_mask(self, shape, dtype) -> torch.Tensor | None:
+        keep = self._keep(shape)
+        if keep is None:
+            return None
+        key = (dtype, tuple(shape))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = keep.to(dtype)
+        return self._mask_cache[key]
+
     # -- context ----------------------------------------------------------------------------
 
     def __enter__(self) -> "GhostNorms":
@@ -540,8 +695,8 @@ class GhostNorms:
         for p, _ in self._saved_requires_grad:
             p.requires_grad_(False)
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        self._reset_forward()
         for site in self.sites:
-            site.reset()
             self._handles.append(site.module.register_forward_pre_hook(site.pre_hook))
             self._handles.append(site.module.register_forward_hook(site.forward_hook))
         return self
@@ -558,6 +713,8 @@ class GhostNorms:
             p.requires_grad_(flag)
         self._saved_requires_grad = []
         self._active = False
+        self._roots = {}
+        self._slots = {}
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
         """Set the padding mask by hand (needed only when the model is not called with it as a
@@ -568,8 +725,7 @@ class GhostNorms:
 
     def _model_pre_hook(self, module, args, kwargs):
         # A new top-level forward starts a new batch.
-        for site in self.sites:
-            site.reset()
+        self._reset_forward()
         self._forwards += 1
         mask = kwargs.get("attention_mask")
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

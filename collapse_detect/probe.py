@@ -160,7 +160,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                 if options.head_grad_norms:
                     probs = _softmax(logits)
                     norms = head_grad_norms(features, probs, chunk.gold)
-                acc.update(chunk.row_ids, chunk.gold, logits, features=features, grad_norms=norms)
+                acc.update(chunk.row_ids, chunk.gold, logits, features=features, grad_norms=norms, token_ids=ids)
                 if grad_rows is not None:
                     prio = row_priority(chunk.row_ids, options.seed)
                     types = enc.get("token_type_ids")

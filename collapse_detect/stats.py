@@ -22,6 +22,7 @@ CONF_BINS = 20
 CALIBRATION_BINS = 15
 DEFAULT_SAMPLE_ROWS = 4000
 DEFAULT_GRAD_VALUES = 20000
+DEFAULT_TOKEN_ROWS = 256  # rows whose token ids are kept for the input-dependence probes
 
 
 def row_priority(row_ids: np.ndarray, seed: int) -> np.ndarray:
@@ -121,10 +122,11 @@ class Accumulator:
         self.calib_correct = np.zeros(CALIBRATION_BINS, dtype=np.int64)
         self.calib_conf_sum = np.zeros(CALIBRATION_BINS)
         self.sample = Reservoir(sample_rows)
+        self.token_sample = Reservoir(DEFAULT_TOKEN_ROWS)
         self.grad: dict[str, GradAccumulator] = {}
 
     def update(self, row_ids: np.ndarray, gold: np.ndarray, logits: np.ndarray, *, features=None,
-               grad_norms: dict | None = None) -> None:
+               grad_norms: dict | None = None, token_ids: list | None = None) -> None:
         logits = np.asarray(logits, dtype=np.float64)
         gold = np.asarray(gold, dtype=np.int64)
         n, k = logits.shape
@@ -150,10 +152,16 @@ class Accumulator:
         for c in range(k):
             np.add.at(self.score_hist[c], (gold, bins[:, c]), 1)
         priority = row_priority(row_ids, self.seed)
-        arrays = dict(row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, probs=probs.astype(np.float32))
+        arrays = dict(row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, probs=probs.astype(np.float32),
+                      logits=logits.astype(np.float32))
         if features is not None:
             arrays["features"] = np.asarray(features, dtype=np.float32)
         self.sample.add(priority, **arrays)
+        if token_ids is not None:
+            ids = np.empty(len(token_ids), dtype=object)
+            for i, row in enumerate(token_ids):
+                ids[i] = np.asarray(row, dtype=np.int64)
+            self.token_sample.add(priority, row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, ids=ids)
         for group, norms in (grad_norms or {}).items():
             acc = self.grad.setdefault(group, GradAccumulator(self.k))
             acc.update(gold, np.asarray(norms, dtype=np.float64), priority)
@@ -178,6 +186,7 @@ class Accumulator:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.nll_sum += other.nll_sum
         self.sample.merge(other.sample)
+        self.token_sample.merge(other.token_sample)
         for group, acc in other.grad.items():
             if group in self.grad:
                 self.grad[group].merge(acc)

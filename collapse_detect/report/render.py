@@ -42,9 +42,11 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
     lines.append(f"- Accuracy {s['accuracy']:.3f} (majority baseline {s['majority_baseline']['accuracy']:.3f}), "
                  f"balanced accuracy {s['balanced_accuracy']:.3f}, macro F1 {s['macro_f1']:.3f}, "
                  f"MCC {s['mcc']:.3f}")
-    if diagnosis.metadata.get("root_cause"):
-        rc = diagnosis.metadata["root_cause"]
+    if diagnosis.root_cause:
+        rc = diagnosis.root_cause
         lines.append(f"- Likely cause: **{_md_escape(rc['label'])}** (confidence {rc['confidence']})")
+        lines += [f"  - for: {_md_escape(e)}" for e in rc.get("evidence_for", [])]
+        lines += [f"  - against: {_md_escape(e)}" for e in rc.get("evidence_against", [])]
     lines += ["", "## Findings", ""]
     if not diagnosis.findings:
         lines.append("No findings.")
@@ -104,7 +106,7 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
            f"balanced accuracy {s['balanced_accuracy']:.3f}, majority baseline {s['majority_baseline']['accuracy']:.3f})"]
     if d["collapsed_classes"]:
         out.append("collapsed class(es): " + ", ".join(d["collapsed_classes"]))
-    rc = diagnosis.metadata.get("root_cause")
+    rc = diagnosis.root_cause
     if rc:
         out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']})")
     width = max([len(c["class"]) for c in s["per_class"]] + [5])
