@@ -92,8 +92,12 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     """Load a checkpoint and probe it over an eval file (or the rows ``row_filter`` keeps)."""
     from .checkpoint import load_checkpoint
     from .data import iter_chunks
-    from .probe import ProbeOptions, run_probe
+    from .probe import run_probe
 
+    import torch
+
+    # weights missing from a checkpoint are initialised at random on load: seed it so reports repeat
+    torch.manual_seed(options.seed)
     loaded = load_checkpoint(model_dir, allow_pickle=options.allow_pickle)
     class_names = loaded.class_names
     if options.label_names:
@@ -104,13 +108,20 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
                                   chunk_rows=options.chunk_rows, row_filter=row_filter)
-    probe_options = ProbeOptions(batch_size=options.batch_size, max_length=options.max_length,
-                                 max_tokens_per_batch=options.max_tokens_per_batch,
-                                 grad_sample=options.grad_sample, grad_layers=options.grad_layers,
-                                 seed=options.seed, progress=options.progress)
     callback = None if on_chunk is None else (lambda chunk, probs: on_chunk(chunk, probs, class_names))
-    run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
+    run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options_for(options),
+                    on_chunk=callback)
     return ProbeOutcome(loaded, class_names, columns, run)
+
+
+def probe_options_for(options: RunOptions):
+    """The probe's share of the run options (one place, for files and for in-memory models)."""
+    from .probe import ProbeOptions
+
+    return ProbeOptions(batch_size=options.batch_size, max_length=options.max_length,
+                        max_tokens_per_batch=options.max_tokens_per_batch,
+                        grad_sample=options.grad_sample, grad_layers=options.grad_layers,
+                        seed=options.seed, progress=options.progress)
 
 
 def diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options: RunOptions) -> Diagnosis:
@@ -199,3 +210,135 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
             "balanced_accuracy": again.stats["balanced_accuracy"], "macro_f1": again.stats["macro_f1"],
             "recall": {c["class"]: c["recall"] for c in again.stats["per_class"]},
             "note": "re-probed on the same eval rows the offsets were chosen on; confirm on held-out data"}
+
+
+def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=None, text_pair_col=None,
+             label_col=None, label_names=None, batch_size: int = 32, max_length: int | None = None,
+             max_tokens_per_batch: int | None = None, grad_sample: int = 0, grad_layers: int | None = None,
+             seed: int = 0, check_params: dict | None = None, only=None, skip=None, fail_on: str = "fail",
+             keep_predictions: bool = True, progress: bool = False) -> Diagnosis:
+    """Probe an in-memory model on in-memory rows and judge it: the same ``Diagnosis`` the CLI renders.
+
+    ``texts`` is a list of strings (with ``labels``: class names or ids, and optionally ``text_pairs``), or a
+    pandas DataFrame whose text and label columns are detected as in a data file (or named by ``text_col``,
+    ``text_pair_col``, ``label_col``). ``check_params`` maps check id to thresholds, as in
+    ``[tool.collapse-detect.checks]``; ``only``/``skip`` are check ids. The model's training mode is restored
+    afterwards. ``Diagnosis.save(folder)`` writes the CLI's files; in a notebook the result shows as a compact
+    HTML summary.
+
+    >>> diagnosis = collapse_detect.diagnose(model, tokenizer, ["a great match", "shares fall"],
+    ...                                      ["sports", "business"])          # doctest: +SKIP
+    >>> diagnosis.verdict(), diagnosis.exit_code()                           # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from .checkpoint import GENERIC_LABEL, LoadedCheckpoint, ResolvedCheckpoint
+    from .config import check_param, parse_check_list
+    from .data import Chunk, Columns, LabelMapper, detect_columns
+    from .errors import ConfigError
+    from .probe import run_probe
+
+    if fail_on not in ("warn", "fail"):
+        raise ValueError(f"fail_on must be 'warn' or 'fail', got {fail_on!r}")
+    source = "DataFrame" if isinstance(texts, pd.DataFrame) else "texts"
+    if isinstance(texts, pd.DataFrame):
+        if labels is not None or text_pairs is not None:
+            raise InputError("pass either a DataFrame (its columns hold texts and labels) or texts with labels, "
+                             "not both")
+        frame = texts.reset_index(drop=True)
+        columns = detect_columns(frame, "DataFrame", text_col=text_col, text_pair_col=text_pair_col,
+                                 label_col=label_col)
+    else:
+        if labels is None:
+            raise InputError("diagnose() needs the gold labels: diagnose(model, tokenizer, texts, labels)")
+        if isinstance(texts, str):
+            raise InputError("texts must be a list of strings or a DataFrame, got one string")
+        texts = list(texts)
+        data = {"text": texts, "label": list(labels)}
+        if len(data["label"]) != len(texts):
+            raise InputError(f"{len(texts)} texts but {len(data['label'])} labels; pass one label per text")
+        if text_pairs is not None:
+            data["text_pair"] = list(text_pairs)
+            if len(data["text_pair"]) != len(texts):
+                raise InputError(f"{len(texts)} texts but {len(data['text_pair'])} text pairs")
+        frame = pd.DataFrame(data)
+        columns = Columns(text="text", label="label", text_pair="text_pair" if text_pairs is not None else None)
+    if len(frame) == 0:
+        raise InputError(f"no rows to diagnose (empty {source})")
+
+    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    num_labels = int(getattr(model.config, "num_labels", len(id2label)))
+    class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
+    generic = all(GENERIC_LABEL.match(n) for n in class_names)
+    if label_names:
+        if len(label_names) != len(class_names):
+            raise InputError(f"label_names gives {len(label_names)} names but the model has {len(class_names)} "
+                             "classes")
+        class_names = [str(n) for n in label_names]
+
+    params: dict = {}
+    for check_id, values in (check_params or {}).items():
+        for param, value in values.items():
+            params.setdefault(check_id.replace("-", "_"), {})[param.replace("-", "_")] = \
+                check_param(check_id, param, value, "check_params")
+    selected = {}
+    for name, value in (("only", only), ("skip", skip)):
+        if value is None:
+            continue
+        try:
+            selected[name] = parse_check_list(value if isinstance(value, str) else ",".join(value))
+        except Exception as exc:  # argparse's type error, here for a keyword argument
+            raise ConfigError(f"{name}: {exc}") from None
+
+    options = RunOptions(text_col=columns.text, text_pair_col=columns.text_pair, label_col=columns.label,
+                         label_names=label_names, batch_size=batch_size, max_length=max_length,
+                         max_tokens_per_batch=max_tokens_per_batch, grad_sample=grad_sample,
+                         grad_layers=grad_layers, seed=seed, progress=progress, check_params=params,
+                         only=selected.get("only"), skip=selected.get("skip"))
+    mapper = LabelMapper(class_names, source, columns.label)
+    row_ids = np.arange(len(frame), dtype=np.int64)
+    gold = mapper(frame[columns.label], row_ids)
+
+    def texts_of(column):
+        values = frame[column]
+        if values.isna().any():
+            bad = row_ids[values.isna().to_numpy()][:5].tolist()
+            raise InputError(f"{source}: column {column!r} is empty at row(s) {', '.join(map(str, bad))}")
+        return [v if isinstance(v, str) else str(v) for v in values.tolist()]
+
+    all_texts = texts_of(columns.text)
+    all_pairs = texts_of(columns.text_pair) if columns.text_pair else None
+    step = options.chunk_rows
+    chunks = [Chunk(row_ids[i:i + step], all_texts[i:i + step], None if all_pairs is None else all_pairs[i:i + step],
+                    gold[i:i + step]) for i in range(0, len(frame), step)]
+    kept: list = []
+
+    def keep(chunk, probs):
+        if keep_predictions:
+            kept.append((chunk.row_ids, chunk.gold, np.asarray(probs, dtype=np.float64)))
+
+    name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    resolved = ResolvedCheckpoint(Path("."), Path("."), "in-memory model passed to collapse_detect.diagnose()")
+    loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file="(in memory)")
+    was_training = getattr(model, "training", False)
+    try:  # the probe and the model evidence run in eval mode; a notebook's training loop gets its mode back
+        run = run_probe(model, tokenizer, chunks, class_names, probe_options_for(options), on_chunk=keep)
+        outcome = ProbeOutcome(loaded, class_names, columns, run)
+        diagnosis = diagnosis_from_outcome(outcome, name, f"({source}, {len(frame)} rows)", options)
+    finally:
+        model.train(was_training)
+    diagnosis.metadata.update({
+        "mode": "python-api", "model_dir": name, "model_name": Path(name).name or name, "checkpoint": None,
+        "checkpoint_reason": resolved.reason, "weights_file": None, "fail_on": fail_on,
+        "check_params": params,
+    })
+    if kept:
+        ids = np.concatenate([k[0] for k in kept])
+        gold_ids = np.concatenate([k[1] for k in kept])
+        probs = np.concatenate([k[2] for k in kept])
+        pred = probs.argmax(axis=1)
+        table = {"row_id": ids, "gold": [class_names[g] for g in gold_ids],
+                 "predicted": [class_names[p] for p in pred]}
+        table.update({f"prob_{n}": probs[:, c] for c, n in enumerate(class_names)})
+        diagnosis.predictions = pd.DataFrame(table)
+    return diagnosis

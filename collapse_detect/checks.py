@@ -163,19 +163,20 @@ def no_better_than_majority(stats, *, min_gain: float = 0.1, alpha: float = 0.01
 
 
 @register("constant_output", title="Output nearly constant across inputs",
-          measures="largest per-class standard deviation of the predicted probability", severity="fail")
-def constant_output(stats, *, max_spread: float = 0.02):
-    """Fail when no class's predicted probability varies by more than ``max_spread`` (standard deviation)
-    across the eval rows: the model ignores its input."""
+          measures="largest per-class standard deviation of the log-odds across rows", severity="fail")
+def constant_output(stats, *, max_spread: float = 0.1):
+    """Fail when no class's log-odds log(p / (1 - p)) varies by more than ``max_spread`` (standard deviation)
+    across the eval rows: the output does not depend on the input. Log-odds, not probabilities, so that a
+    saturated but input-dependent model (a threshold collapse) is not called constant."""
     if stats["score_spread"] > max_spread:
         return []
     mean_scores = ", ".join(f"{c['class']}={c['mean_score']:.3f}" for c in stats["per_class"])
     return [Finding(
         "constant_output", Severity.FAIL,
-        f"The predicted probabilities barely move across {stats['n']} rows (largest standard deviation "
-        f"{stats['score_spread']:.4f}); mean output: {mean_scores}.",
+        f"The output barely moves across {stats['n']} rows (largest log-odds standard deviation "
+        f"{stats['score_spread']:.4f}); mean probabilities: {mean_scores}.",
         evidence={"score_spread": stats["score_spread"],
-                  "score_std": {c["class"]: c["score_std"] for c in stats["per_class"]},
+                  "logodds_std": {c["class"]: c["logodds_std"] for c in stats["per_class"]},
                   "macro_roc_auc": stats["macro_roc_auc"]},
         classes=[stats["top_class"]],
         cause="The output no longer depends on the input: a diverged run (learning rate too high), "
@@ -266,10 +267,10 @@ def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
 
 
 @register("input_ignored", title="The model ignores its input",
-          measures="agreement with, and distance to, the empty input's output", severity="fail")
-def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0.05):
-    """Fail when at least ``min_agreement`` of rows get the empty input's prediction and their probabilities
-    are within ``max_distance`` (mean total variation) of the empty input's."""
+          measures="agreement with, and log-odds distance to, the empty input's output", severity="fail")
+def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0.25):
+    """Fail when at least ``min_agreement`` of rows get the empty input's prediction and their log-odds are
+    within ``max_distance`` of the empty input's (mean over rows of the largest per-class difference)."""
     null = _evidence(stats, "null_input")
     if not null or null["agreement"] < min_agreement or null["distance"] > max_distance:
         return []
@@ -277,7 +278,7 @@ def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0
     return [Finding(
         "input_ignored", Severity.FAIL,
         f"{null['agreement']:.0%} of rows get the same prediction as an empty input ('{empty['predicted']}'), "
-        f"with probabilities {null['distance']:.3f} away from it on average.",
+        f"with log-odds {null['distance']:.3f} away from it on average.",
         evidence=null, classes=[empty["predicted"]],
         cause="The output does not depend on the text: a diverged run, an untrained head or unreadable input.",
         fix=fixes.optimization_fix(),

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .stats import Accumulator, total_variation
+from .stats import SCORE_RANGE, Accumulator, log_odds, total_variation
 
 
-def _forward(model, rows: list[list[int]], pad_id: int, token_type: list[list[int]] | None = None) -> np.ndarray:
+def _forward(model, rows: list[list[int]], pad_id: int, with_logits: bool = False):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -20,7 +20,8 @@ def _forward(model, rows: list[list[int]], pad_id: int, token_type: list[list[in
         mask[i, : len(r)] = 1
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    return torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+    probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+    return (probs, logits.numpy().astype(np.float64)) if with_logits else probs
 
 
 def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str], *, seed: int = 0,
@@ -28,11 +29,12 @@ def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str],
     """Outputs on inputs with no information (empty, all-[PAD], all-[MASK]) and on token-shuffled rows.
 
     ``agreement`` is the share of sampled real rows whose prediction equals the empty input's; ``distance`` the
-    mean total variation between a real row's probabilities and the empty input's. A model that ignores its
+    mean over rows of the largest per-class log-odds difference to the empty input. A model that ignores its
     input has agreement near 1 and distance near 0.
     """
     sample = acc.sample.arrays
     probs = sample["probs"].astype(np.float64)
+    row_logodds = np.clip(log_odds(sample["logits"]), *SCORE_RANGE)
     if length is None:
         tok_rows = acc.token_sample.arrays.get("ids")
         length = int(np.median([len(r) for r in tok_rows])) if tok_rows is not None and len(tok_rows) else 16
@@ -45,15 +47,16 @@ def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str],
     if tokenizer.mask_token_id is not None:
         inputs["all_mask"] = wrap([tokenizer.mask_token_id] * body)
     names = list(inputs)
-    outs = _forward(model, [inputs[n] for n in names], pad_id)
+    outs, out_logits = _forward(model, [inputs[n] for n in names], pad_id, with_logits=True)
     result = {"length": length, "inputs": {}}
     pred = probs.argmax(axis=1)
-    for name, p in zip(names, outs):
+    for name, p, z in zip(names, outs, out_logits):
         top = int(p.argmax())
+        null_logodds = np.clip(log_odds(z[None, :]), *SCORE_RANGE)[0]
         result["inputs"][name] = {
             "probs": p.tolist(), "predicted": class_names[top],
             "agreement": float((pred == top).mean()),
-            "distance": float(np.mean([total_variation(row, p) for row in probs])),
+            "distance": float(np.abs(row_logodds - null_logodds).max(axis=1).mean()),
         }
     result["agreement"] = result["inputs"]["empty"]["agreement"]
     result["distance"] = result["inputs"]["empty"]["distance"]

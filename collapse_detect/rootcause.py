@@ -49,12 +49,12 @@ def score_causes(stats: dict) -> dict[str, dict]:
     unk = _get(stats, "tokenization", "unknown_token_rate", default=0.0)
     vocab = ev.get("tokenizer_fit") or {}
     representation_dead = probe_ba is not None and probe_ba - chance < 0.1
-    constant = spread <= 0.02
+    constant = spread <= 0.1  # log-odds standard deviation
 
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0
-    if perm and not perm.get("is_identity", True):
-        gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"]
+    gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"] if perm else 0.0
+    if perm and not perm.get("is_identity", True) and gain > 0:
         pro.append(f"re-mapping classes {perm['mapping']} (predicted -> gold id) raises balanced accuracy from "
                    f"{perm['identity_balanced_accuracy']:.2f} to {perm['mapped_balanced_accuracy']:.2f}")
         s = 0.95 if perm["mapped_balanced_accuracy"] >= 0.6 and gain >= 0.3 else 0.4 if gain >= 0.15 else 0.1
@@ -129,7 +129,7 @@ def score_causes(stats: dict) -> dict[str, dict]:
     elif aniso is not None:
         con.append(f"features are spread (mean cosine {aniso:.2f}, effective rank {eff_rank:.1f})")
     if constant:
-        pro.append(f"output nearly constant (largest probability std {spread:.4f})")
+        pro.append(f"output nearly constant (largest log-odds std {spread:.4f})")
         s += 0.1
     # a symptom more than a cause: specific causes (untrained head, tokenizer, mapping) outrank it
     cause("representation_collapse", min(s, 0.8), pro, con)
@@ -138,9 +138,9 @@ def score_causes(stats: dict) -> dict[str, dict]:
     pro, con, s = [], [], 0.0
     if null:
         agree, dist = null.get("agreement", 0.0), null.get("distance", 1.0)
-        msg = (f"{agree:.0%} of rows get the empty input's prediction, mean distance to its probabilities "
+        msg = (f"{agree:.0%} of rows get the empty input's prediction, mean log-odds distance to it "
                f"{dist:.3f}")
-        if agree >= 0.95 and dist <= 0.05:
+        if agree >= 0.95 and dist <= 0.25:
             pro.append(msg)
             s = 0.6 if not representation_dead else 0.45
         else:
@@ -152,9 +152,14 @@ def score_causes(stats: dict) -> dict[str, dict]:
     top_share, top = stats["top_share"], stats["top_class"]
     top_ratio = next((c["share_ratio"] for c in stats["per_class"] if c["class"] == top), None)
     absorbing = top_ratio is not None and top_ratio >= 1.25
+    majority = stats["majority_baseline"]["class"]
     if absorbing:
         pro.append(f"'{top}' gets {top_share:.0%} of predictions ({top_ratio:.2f}x its prior)")
         s = 0.4
+        if top != majority and not record:
+            # without the training labels, the eval majority is the best guess at the training majority
+            con.append(f"the absorbing class '{top}' is not the eval set's majority '{majority}'")
+            s -= 0.2
     if auc is not None and auc >= 0.8 and not constant:
         pro.append(f"the scores still rank the classes (macro ROC-AUC {auc:.2f}): only the threshold collapsed")
         s += 0.35 if absorbing else 0.1
@@ -172,6 +177,14 @@ def score_causes(stats: dict) -> dict[str, dict]:
         con.append("the output is nearly constant, which imbalance alone rarely causes")
         s *= 0.5
     cause("class_imbalance", s, pro, con)
+
+    if head.get("missing_head_keys"):
+        # a head initialised at random assigns classes arbitrarily: it explains a permuted-looking confusion
+        # matrix and a skewed prediction share
+        for name in ("label_mapping_mismatch", "class_imbalance"):
+            out[name]["score"] = round(out[name]["score"] * 0.5, 3)
+            out[name]["evidence_against"].append("the head was initialised at random on load, which alone "
+                                                 "explains this")
     return out
 
 

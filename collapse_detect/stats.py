@@ -16,6 +16,8 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import logsumexp
 from sklearn import metrics as skm
 
+from .calibration import calibration_summary
+
 SCORE_RANGE = (-30.0, 30.0)
 SCORE_BINS = 3000  # log-odds resolution 0.02: ROC-AUC from these histograms matches sklearn to ~1e-3
 CONF_BINS = 20
@@ -113,8 +115,12 @@ class Accumulator:
         self.n = 0
         self.confusion = np.zeros((k, k), dtype=np.int64)  # rows: gold, columns: predicted
         self.prob_sum_by_pred = np.zeros((k, k))
+        # sums and sums of squared deviations (Chan et al.'s parallel update) of each class's probability and
+        # log-odds: saturated probabilities can hide log-odds that still vary with the input
         self.prob_sum = np.zeros(k)
-        self.prob_m2 = np.zeros(k)  # sum of squared deviations from the mean (Chan et al.'s parallel update)
+        self.prob_m2 = np.zeros(k)
+        self.logodds_sum = np.zeros(k)
+        self.logodds_m2 = np.zeros(k)
         self.nll_sum = 0.0
         self.conf_hist = np.zeros((k, CONF_BINS), dtype=np.int64)
         self.score_hist = np.zeros((k, k, SCORE_BINS), dtype=np.int64)  # [score class, gold class, bin]
@@ -136,8 +142,9 @@ class Accumulator:
         probs = np.exp(log_probs)
         pred = probs.argmax(axis=1)
         conf = probs[np.arange(n), pred]
-        chunk_mean = probs.mean(axis=0)
-        self._merge_moments(n, probs.sum(axis=0), ((probs - chunk_mean) ** 2).sum(axis=0))
+        scores = np.clip(log_odds(logits), *SCORE_RANGE)
+        self._merge_moments("prob", n, probs.sum(axis=0), ((probs - probs.mean(axis=0)) ** 2).sum(axis=0))
+        self._merge_moments("logodds", n, scores.sum(axis=0), ((scores - scores.mean(axis=0)) ** 2).sum(axis=0))
         self.n += n
         np.add.at(self.confusion, (gold, pred), 1)
         np.add.at(self.prob_sum_by_pred, pred, probs)
@@ -147,7 +154,6 @@ class Accumulator:
         np.add.at(self.calib_count, cal, 1)
         np.add.at(self.calib_correct, cal, (pred == gold).astype(np.int64))
         np.add.at(self.calib_conf_sum, cal, conf)
-        scores = log_odds(logits)
         bins = _bin(scores, *SCORE_RANGE, SCORE_BINS)
         for c in range(k):
             np.add.at(self.score_hist[c], (gold, bins[:, c]), 1)
@@ -166,20 +172,22 @@ class Accumulator:
             acc = self.grad.setdefault(group, GradAccumulator(self.k))
             acc.update(gold, np.asarray(norms, dtype=np.float64), priority)
 
-    def _merge_moments(self, n_b: int, sum_b: np.ndarray, m2_b: np.ndarray) -> None:
-        """Combine sums of squared deviations without the cancellation of sum(x^2) - n mean^2."""
-        n_a = self.n
+    def _merge_moments(self, name: str, n_b: int, sum_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Combine sums of squared deviations without the cancellation of sum(x^2) - n mean^2
+        (call before ``self.n`` is increased)."""
+        n_a, total, m2 = self.n, getattr(self, f"{name}_sum"), getattr(self, f"{name}_m2")
         if n_a and n_b:
-            delta = sum_b / n_b - self.prob_sum / n_a
-            self.prob_m2 += m2_b + delta**2 * n_a * n_b / (n_a + n_b)
+            delta = sum_b / n_b - total / n_a
+            m2 += m2_b + delta**2 * n_a * n_b / (n_a + n_b)
         else:
-            self.prob_m2 += m2_b
-        self.prob_sum += sum_b
+            m2 += m2_b
+        total += sum_b
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         if other.class_names != self.class_names:
             raise ValueError("cannot merge statistics of models with different classes")
-        self._merge_moments(other.n, other.prob_sum, other.prob_m2)
+        self._merge_moments("prob", other.n, other.prob_sum, other.prob_m2)
+        self._merge_moments("logodds", other.n, other.logodds_sum, other.logodds_m2)
         self.n += other.n
         for name in ("confusion", "prob_sum_by_pred", "conf_hist", "score_hist",
                      "calib_count", "calib_correct", "calib_conf_sum"):
@@ -376,6 +384,7 @@ def compute_stats(acc: Accumulator) -> dict:
     baseline = majority_baseline(confusion)
     mean_prob = acc.prob_sum / n
     score_std = np.sqrt(acc.prob_m2 / n)
+    logodds_std = np.sqrt(acc.logodds_m2 / n)
     mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
     auc = []
     for c in range(k):
@@ -394,7 +403,8 @@ def compute_stats(acc: Accumulator) -> dict:
             "baseline_f1": baseline["f1"][c], "f1_gain": metrics["f1"][c] - baseline["f1"][c],
             "recall_gain": metrics["recall"][c] - baseline["recall"][c],
             "mean_confidence": None if np.isnan(mean_conf[c]) else float(mean_conf[c]),
-            "mean_score": float(mean_prob[c]), "score_std": float(score_std[c]), "roc_auc": auc[c],
+            "mean_score": float(mean_prob[c]), "score_std": float(score_std[c]),
+            "logodds_std": float(logodds_std[c]), "roc_auc": auc[c],
         })
     calib_bins = []
     ece = 0.0
@@ -419,12 +429,17 @@ def compute_stats(acc: Accumulator) -> dict:
         "majority_baseline": {**{k_: v for k_, v in baseline.items() if k_ not in ("f1", "recall")},
                               "class": acc.class_names[baseline["class_id"]]},
         "mean_nll": acc.nll_sum / n,
-        "score_spread": float(score_std.max()),
+        # how much the output moves with the input, in log-odds (saturated probabilities hide it)
+        "score_spread": float(logodds_std.max()),
+        "probability_spread": float(score_std.max()),
         "macro_roc_auc": float(np.mean(present_auc)) if present_auc else None,
         "per_class": per_class, "confusion": confusion.astype(int).tolist(),
         "confidence_histogram": {"bins": CONF_BINS, "counts": acc.conf_hist.astype(int).tolist()},
         "calibration": {"ece": float(ece), "bins": calib_bins},
     }
+    sample = acc.sample.arrays
+    stats["calibration"].update(calibration_summary(sample.get("probs"), sample.get("gold"), stats,
+                                                    sample.get("logits")))
     if acc.grad:
         stats["gradients"] = gradient_stats(acc.grad, acc.class_names, baseline["class_id"])
         # private (not written to JSON): a hash-ordered sample of norms per class for the box plots
