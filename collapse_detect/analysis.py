@@ -54,8 +54,12 @@ def representation_geometry(features: np.ndarray, *, max_rows: int = 1000) -> di
         p = s / total
         p = p[p > 0]
         eff = float(math.exp(-(p * np.log(p)).sum()))
+    scale = float(np.abs(x).mean())
+    feature_std = float(x.std(axis=0).mean())
     return {"anisotropy": anisotropy, "effective_rank": eff, "dimension": int(x.shape[1]),
-            "feature_std": float(x.std(axis=0).mean())}
+            "feature_std": feature_std,
+            # spread across rows relative to the features' size: ~0 when every input maps to one point
+            "relative_spread": feature_std / scale if scale > 0 else 0.0}
 
 
 def label_permutation(confusion) -> dict:

@@ -375,18 +375,21 @@ def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float
 
 @register("representation_collapse", title="The features carry no class information",
           measures="linear probe on the pooled features (class-balanced, stratified k-fold)", severity="fail")
-def representation_collapse(stats, *, min_probe_gain: float = 0.1):
+def representation_collapse(stats, *, min_probe_gain: float = 0.1, min_relative_spread: float = 1e-3):
     """Fail when a class-balanced logistic regression on the model's own features stays within
-    ``min_probe_gain`` of chance balanced accuracy: only retraining can help."""
+    ``min_probe_gain`` of chance balanced accuracy, or the features' spread across rows is under
+    ``min_relative_spread`` of their size: only retraining can help."""
     probe = _evidence(stats, "linear_probe")
-    if not probe or probe["balanced_accuracy"] - probe["chance"] >= min_probe_gain:
-        return []
     geo = _evidence(stats, "geometry") or {}
+    frozen = geo.get("relative_spread") is not None and geo["relative_spread"] < min_relative_spread
+    if not probe or (probe["balanced_accuracy"] - probe["chance"] >= min_probe_gain and not frozen):
+        return []
     return [Finding(
         "representation_collapse", Severity.FAIL,
         f"A linear probe on the model's features reaches balanced accuracy {probe['balanced_accuracy']:.3f} "
         f"(chance {probe['chance']:.3f}); mean cosine between features {geo.get('anisotropy', float('nan')):.3f}, "
-        f"effective rank {geo.get('effective_rank', float('nan')):.1f}.",
+        f"effective rank {geo.get('effective_rank', float('nan')):.1f}, spread across rows "
+        f"{geo.get('relative_spread', float('nan')):.1e} of their size.",
         evidence={"linear_probe": probe, "geometry": geo},
         cause="The encoder maps every input to (nearly) the same point: typically a too-high learning rate.",
         fix=fixes.optimization_fix(),

@@ -48,8 +48,12 @@ def score_causes(stats: dict) -> dict[str, dict]:
     perm = ev.get("label_permutation") or {}
     unk = _get(stats, "tokenization", "unknown_token_rate", default=0.0)
     vocab = ev.get("tokenizer_fit") or {}
-    representation_dead = probe_ba is not None and probe_ba - chance < 0.1
-    constant = spread <= 0.1  # log-odds standard deviation
+    # the features carry nothing: a linear probe cannot use them, or they barely move across inputs (a probe
+    # on standardised features can still pick up a signal from differences at the 1e-6 level)
+    frozen = (geometry.get("relative_spread") is not None and geometry["relative_spread"] < 1e-3
+              and (aniso or 0) > 0.999)
+    representation_dead = (probe_ba is not None and probe_ba - chance < 0.1) or frozen
+    constant = spread is not None and spread <= 0.1  # log-odds standard deviation (None: labels only)
 
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0
@@ -121,8 +125,11 @@ def score_causes(stats: dict) -> dict[str, dict]:
     if probe_ba is not None:
         (pro if representation_dead else con).append(
             f"a linear probe on the model's features reaches balanced accuracy {probe_ba:.2f} (chance {chance:.2f})")
-        if representation_dead:
-            s = 0.65
+    if frozen:
+        pro.append(f"the features barely move across inputs (spread {geometry['relative_spread']:.1e} of "
+                   "their size)")
+    if representation_dead:
+        s = 0.65
     if aniso is not None and aniso > 0.95:
         pro.append(f"features are nearly parallel (mean cosine {aniso:.3f}, effective rank {eff_rank:.1f})")
         s = s + 0.15 if s else 0.3
