@@ -428,6 +428,90 @@ def checks_selected(only=None, skip=None) -> list[str]:
     return [c for c in REGISTRY if not (only and c not in only) and not (skip and c in skip)]
 
 
+def _grad_group(stats, prefer=("ghost:total", "head")):
+    grads = stats.get("gradients") or {}
+    for group in prefer:
+        if group in grads and grads[group]["n"] > 0:
+            return group, grads[group]
+    return None, None
+
+
+@register("gradient_dominated", title="Training signal dominated by one class",
+          measures="share of per-example gradient-norm mass by class vs share of rows", severity="warn",
+          collapse=False)
+def gradient_dominated(stats, *, min_mass_share: float = 0.5, min_ratio: float = 2.0):
+    """Warn when one class holds at least ``min_mass_share`` of the gradient-norm mass and at least
+    ``min_ratio`` times its share of the rows (ghost norms over the encoder when sampled, else the head)."""
+    group, g = _grad_group(stats)
+    if g is None:
+        return []
+    hit = [c for c in g["per_class"] if c["mass_share"] is not None and c["example_share"]
+           and c["mass_share"] >= min_mass_share and c["mass_share"] >= min_ratio * c["example_share"]]
+    return [Finding(
+        "gradient_dominated", Severity.WARN,
+        f"'{c['class']}' carries {c['mass_share']:.0%} of the gradient mass ({group}) with {c['example_share']:.0%} "
+        f"of the rows: training on this data would be driven by it.",
+        evidence={"group": group, **c}, classes=[c["class"]],
+        cause="The model fits the other classes and gets this one wrong with confidence: its examples produce "
+              "the large gradients.",
+        fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),
+    ) for c in hit]
+
+
+@register("minority_gradient_ratio", title="Minority classes carry many times the gradient of the majority",
+          measures="mean per-example gradient norm of each class / the majority class's", severity="warn",
+          collapse=False)
+def minority_gradient_ratio(stats, *, max_ratio: float = 5.0, min_support: int = 5):
+    """Warn for each class with at least ``min_support`` rows whose mean gradient norm is at least
+    ``max_ratio`` times the majority class's: the majority is fitted, the minorities are not."""
+    group, g = _grad_group(stats)
+    if g is None:
+        return []
+    hit = [c for c in g["per_class"] if c["ratio_to_majority"] is not None and c["n"] >= min_support
+           and c["ratio_to_majority"] >= max_ratio]
+    if not hit:
+        return []
+    majority = stats["majority_baseline"]["class"]
+    detail = ", ".join(f"{c['class']} {c['ratio_to_majority']:.1f}x" for c in hit)
+    return [Finding(
+        "minority_gradient_ratio", Severity.WARN,
+        f"Mean gradient norm ({group}) relative to the majority class '{majority}': {detail}.",
+        evidence={"group": group, "per_class": g["per_class"]}, classes=[c["class"] for c in hit],
+        cause="The majority class's examples are already easy (tiny gradients) while the minority classes' are "
+              "not fitted: the signature of imbalance-driven collapse.",
+        fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),
+    )]
+
+
+@register("vanishing_gradients", title="Near-zero gradients everywhere (diverged or saturated run)",
+          measures="encoder vs head gradient norm; head gradient norm on misclassified rows", severity="warn",
+          collapse=False)
+def vanishing_gradients(stats, *, max_encoder_to_head: float = 1e-3, max_head_norm: float = 1e-4,
+                        min_error_rate: float = 0.1):
+    """Warn when the encoder's mean gradient norm is under ``max_encoder_to_head`` of the head's (the encoder
+    no longer learns), or the head's mean norm is under ``max_head_norm`` while at least ``min_error_rate``
+    of rows are wrong."""
+    grads = stats.get("gradients") or {}
+    head = grads.get("head")
+    encoder = grads.get("ghost:encoder")
+    problems = []
+    if head and encoder and head["mean"] and encoder["mean"] is not None \
+            and encoder["mean"] < max_encoder_to_head * head["mean"]:
+        problems.append(f"the encoder's mean gradient norm {encoder['mean']:.2e} is "
+                        f"{encoder['mean'] / head['mean']:.1e} of the head's ({head['mean']:.2e})")
+    if head and head["mean"] is not None and head["mean"] < max_head_norm and 1 - stats["accuracy"] >= min_error_rate:
+        problems.append(f"the head's mean gradient norm is {head['mean']:.2e} while "
+                        f"{1 - stats['accuracy']:.0%} of rows are wrong")
+    if not problems:
+        return []
+    return [Finding(
+        "vanishing_gradients", Severity.WARN, "Near-zero gradients: " + "; ".join(problems) + ".",
+        evidence={"head": head, "encoder": encoder},
+        cause="Saturated activations or a diverged run: further training on this data cannot move the model.",
+        fix=fixes.optimization_fix(),
+    )]
+
+
 def run_checks(stats: dict, *, only=None, skip=None, params: dict | None = None) -> list[Finding]:
     """Run the registered checks; ``params`` maps check id to keyword overrides."""
     params = params or {}

@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code (usage errors and --help included, not raised)."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+
+
+
+def _main(argv: list[str] | None) -> int:
     from .config import load_config, merge_check_params, parse_set
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -200,5 +209,8 @@ def _run(args) -> int:
     append_step_summary(diagnosis, args.fail_on)
     report = out_dir / "report.html" if "html" in args.format else out_dir
     if not args.quiet:
-        print(render_terminal(diagnosis, report, args.fail_on))
+        try:
+            print(render_terminal(diagnosis, report, args.fail_on), flush=True)
+        except BrokenPipeError:  # piped into head & co.: the reader left; the report is written
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return diagnosis.exit_code(args.fail_on)
