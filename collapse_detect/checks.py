@@ -52,6 +52,9 @@ class CheckSpec:
     measures: str
     severity: str
     collapse: bool  # a finding of this check counts toward the exit code
+    # what the check reads beyond predictions and gold labels: "scores" (per-class probabilities) or "model"
+    # (the model itself, its checkpoint folder or its gradients); a run without it marks the check as not run
+    requires: str | None = None
 
     @property
     def defaults(self) -> dict:
@@ -62,9 +65,10 @@ class CheckSpec:
 REGISTRY: dict[str, CheckSpec] = {}
 
 
-def register(check_id: str, *, title: str, measures: str, severity: str, collapse: bool = True):
+def register(check_id: str, *, title: str, measures: str, severity: str, collapse: bool = True,
+             requires: str | None = None):
     def wrap(func):
-        REGISTRY[check_id] = CheckSpec(check_id, func, title, measures, severity, collapse)
+        REGISTRY[check_id] = CheckSpec(check_id, func, title, measures, severity, collapse, requires)
         return func
     return wrap
 
@@ -162,7 +166,7 @@ def no_better_than_majority(stats, *, min_gain: float = 0.1, alpha: float = 0.01
     )]
 
 
-@register("constant_output", title="Output nearly constant across inputs",
+@register("constant_output", requires="scores", title="Output nearly constant across inputs",
           measures="largest per-class standard deviation of the log-odds across rows", severity="fail")
 def constant_output(stats, *, max_spread: float = 0.1):
     """Fail when no class's log-odds log(p / (1 - p)) varies by more than ``max_spread`` (standard deviation)
@@ -202,7 +206,8 @@ def low_recall(stats, *, floor: float = 0.5, min_support: int = 5):
     )]
 
 
-@register("generic_label_names", title="id2label holds only generic names", measures="config id2label",
+@register("generic_label_names", requires="model",
+          title="id2label holds only generic names", measures="config id2label",
           severity="info", collapse=False)
 def generic_label_names(stats):
     """Info when the checkpoint's id2label is LABEL_0, LABEL_1, ...: a permuted mapping cannot be seen."""
@@ -225,7 +230,8 @@ def _evidence(stats, *keys):
     return value
 
 
-@register("threshold_collapse", title="Scores still rank the classes: only the decision threshold collapsed",
+@register("threshold_collapse", requires="scores",
+          title="Scores still rank the classes: only the decision threshold collapsed",
           measures="macro ROC-AUC and the cross-validated gain of a post-hoc logit adjustment", severity="info",
           collapse=False)
 def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
@@ -266,7 +272,7 @@ def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
     )]
 
 
-@register("input_ignored", title="The model ignores its input",
+@register("input_ignored", requires="model", title="The model ignores its input",
           measures="agreement with, and log-odds distance to, the empty input's output", severity="fail")
 def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0.25):
     """Fail when at least ``min_agreement`` of rows get the empty input's prediction and their log-odds are
@@ -285,7 +291,7 @@ def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0
     )]
 
 
-@register("untrained_head", title="Classification head untrained or missing from the checkpoint",
+@register("untrained_head", requires="model", title="Classification head untrained or missing from the checkpoint",
           measures="missing head weights; head bias and weight scale vs initialisation", severity="fail")
 def untrained_head(stats, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2.0)):
     """Fail when the head's weights were missing from the checkpoint, or its bias is at most ``max_bias`` and
@@ -337,7 +343,7 @@ def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 
     )]
 
 
-@register("tokenizer_mismatch", title="The tokenizer does not fit the model or the data",
+@register("tokenizer_mismatch", requires="model", title="The tokenizer does not fit the model or the data",
           measures="unknown-token rate, truncation rate, tokenizer vocabulary vs embedding rows",
           severity="warn/fail")
 def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float = 0.3,
@@ -373,7 +379,7 @@ def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float
     )]
 
 
-@register("representation_collapse", title="The features carry no class information",
+@register("representation_collapse", requires="model", title="The features carry no class information",
           measures="linear probe on the pooled features (class-balanced, stratified k-fold)", severity="fail")
 def representation_collapse(stats, *, min_probe_gain: float = 0.1, min_relative_spread: float = 1e-3):
     """Fail when a class-balanced logistic regression on the model's own features stays within
@@ -396,12 +402,13 @@ def representation_collapse(stats, *, min_probe_gain: float = 0.1, min_relative_
     )]
 
 
-@register("training_record", title="The training record shows a problem",
+@register("training_record", requires="model", title="The training record shows a problem",
           measures="trainer_state.json log_history: divergence, spikes, learning rate, evaluation",
           severity="warn", collapse=False)
 def training_record(stats, *, max_learning_rate: float = 1e-4):
-    """Warn when trainer_state.json shows a diverged or spiking loss, a peak learning rate of at least
-    ``max_learning_rate``, collapsing gradient norms, or a run with no evaluation."""
+    """Warn when trainer_state.json shows a diverged or spiking loss, collapsing gradient norms, or a run
+    with no evaluation; a peak learning rate of at least ``max_learning_rate`` is named alongside (a high
+    rate alone is no problem for a small model trained from scratch)."""
     rec = _evidence(stats, "training_record")
     if not rec:
         return []
@@ -411,14 +418,14 @@ def training_record(stats, *, max_learning_rate: float = 1e-4):
                         f"minimum {rec.get('min_loss')})")
     if rec.get("loss_spikes"):
         problems.append(f"{rec['loss_spikes']} loss spike(s)")
-    if rec.get("max_learning_rate") is not None and rec["max_learning_rate"] >= max_learning_rate:
-        problems.append(f"peak learning rate {rec['max_learning_rate']:.2g}")
     if rec.get("grad_norm_collapse"):
         problems.append("gradient norms collapsed toward zero")
     if rec.get("evaluations", 0) == 0:
         problems.append("no evaluation during training (no early stopping possible)")
     if not problems:
         return []
+    if rec.get("max_learning_rate") is not None and rec["max_learning_rate"] >= max_learning_rate:
+        problems.append(f"peak learning rate {rec['max_learning_rate']:.2g}")
     return [Finding("training_record", Severity.WARN, "Training record: " + "; ".join(problems) + ".",
                     evidence=rec, cause="See the training arguments.", fix=fixes.optimization_fix())]
 
@@ -436,7 +443,7 @@ def _grad_group(stats, prefer=("ghost:total", "head")):
     return None, None
 
 
-@register("gradient_dominated", title="Training signal dominated by one class",
+@register("gradient_dominated", requires="model", title="Training signal dominated by one class",
           measures="share of per-example gradient-norm mass by class vs share of rows", severity="warn",
           collapse=False)
 def gradient_dominated(stats, *, min_mass_share: float = 0.5, min_ratio: float = 2.0):
@@ -458,7 +465,8 @@ def gradient_dominated(stats, *, min_mass_share: float = 0.5, min_ratio: float =
     ) for c in hit]
 
 
-@register("minority_gradient_ratio", title="Minority classes carry many times the gradient of the majority",
+@register("minority_gradient_ratio", requires="model",
+          title="Minority classes carry many times the gradient of the majority",
           measures="mean per-example gradient norm of each class / the majority class's", severity="warn",
           collapse=False)
 def minority_gradient_ratio(stats, *, max_ratio: float = 5.0, min_support: int = 5):
@@ -483,7 +491,7 @@ def minority_gradient_ratio(stats, *, max_ratio: float = 5.0, min_support: int =
     )]
 
 
-@register("vanishing_gradients", title="Near-zero gradients everywhere (diverged or saturated run)",
+@register("vanishing_gradients", requires="model", title="Near-zero gradients everywhere (diverged or saturated run)",
           measures="encoder vs head gradient norm; head gradient norm on misclassified rows", severity="warn",
           collapse=False)
 def vanishing_gradients(stats, *, max_encoder_to_head: float = 1e-3, max_head_norm: float = 1e-4,

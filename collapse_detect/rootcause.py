@@ -106,10 +106,17 @@ def score_causes(stats: dict) -> dict[str, dict]:
         if record.get("loss_spikes"):
             pro.append(f"{record['loss_spikes']} loss spike(s) in log_history")
             s = max(s, 0.7)
-        if record.get("max_learning_rate") is not None and record["max_learning_rate"] >= 1e-4:
-            pro.append(f"peak learning rate {record['max_learning_rate']:.2g} (>= 1e-4 is high for a pretrained "
-                       "encoder)")
-            s = max(s, 0.6) + (0.1 if constant or representation_dead else 0.0)
+        peak = record.get("max_learning_rate")
+        if peak is not None and peak >= 1e-4:
+            pro.append(f"peak learning rate {peak:.2g} (>= 1e-4 is high for a pretrained encoder"
+                       f"{'; >= 1e-3 is high for any transformer' if peak >= 1e-3 else ''})")
+            lr_score = 0.7 if peak >= 1e-3 else 0.55
+            if constant or representation_dead:
+                # the symptom a too-high rate leaves: the encoder maps everything to one point
+                pro.append("the output or the features no longer depend on the input, the usual result of "
+                           "a too-high learning rate")
+                lr_score += 0.2
+            s = max(s, lr_score)
         if record.get("grad_norm_collapse"):
             pro.append(f"gradient norm fell from {record['first_grad_norm']:.3g} to {record['last_grad_norm']:.3g}")
             s = max(s, 0.6)
@@ -138,7 +145,11 @@ def score_causes(stats: dict) -> dict[str, dict]:
     if constant:
         pro.append(f"output nearly constant (largest log-odds std {spread:.4f})")
         s += 0.1
-    # a symptom more than a cause: specific causes (untrained head, tokenizer, mapping) outrank it
+    if out["diverged_optimization"]["score"] >= 0.8:
+        con.append("the training record explains it (see: diverged optimization)")
+        s *= 0.75
+    # a symptom more than a cause: specific causes (untrained head, tokenizer, mapping, a training record
+    # that shows the run diverging) outrank it
     cause("representation_collapse", min(s, 0.8), pro, con)
 
     # input ignored: real rows get what an empty input gets, though the features still differ

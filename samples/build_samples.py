@@ -414,7 +414,8 @@ def fine_tune(model, tokenizer, texts: Sequence[str], label_ids: Sequence[int], 
               val: tuple[Sequence[str], Sequence[int]] | None = None,
               patience: int | None = None, warmup_ratio: float = 0.0,
               linear_decay: bool = False, max_grad_norm: float | None = 1.0,
-              seed: int = 0, num_threads: int | None = 1, verbose: bool = False):
+              seed: int = 0, num_threads: int | None = 1, verbose: bool = False,
+              history: list | None = None, logging_steps: int = 5):
     """Fine-tune ``model`` in place with a plain torch loop and return it (in eval mode).
 
     * ``class_weights``: per-class weights for the cross-entropy loss (None = plain CE).
@@ -426,6 +427,9 @@ def fine_tune(model, tokenizer, texts: Sequence[str], label_ids: Sequence[int], 
     * ``val`` + ``patience``: early stopping on validation macro recall (ties broken by
       lower validation loss); the best epoch's weights are restored at the end.
     * ``num_threads``: torch intra-op threads used while training (restored afterwards).
+    * ``history``: a list that receives log entries in the shape of transformers' Trainer
+      ``log_history`` (training loss, learning rate and gradient norm every ``logging_steps``
+      steps; evaluation loss and macro recall every epoch when ``val`` is given).
     Deterministic for a given seed (all randomness comes from ``torch.manual_seed(seed)``
     and a seeded generator); call ``set_determinism()`` for bit-identical results.
     """
@@ -435,12 +439,12 @@ def fine_tune(model, tokenizer, texts: Sequence[str], label_ids: Sequence[int], 
                           class_weights=class_weights, balanced=balanced, val=val,
                           patience=patience, warmup_ratio=warmup_ratio,
                           linear_decay=linear_decay, max_grad_norm=max_grad_norm, seed=seed,
-                          verbose=verbose)
+                          verbose=verbose, history=history, logging_steps=logging_steps)
 
 
 def _fine_tune(model, tokenizer, texts, label_ids, *, epochs, lr, weight_decay, batch_size,
                class_weights, balanced, val, patience, warmup_ratio, linear_decay,
-               max_grad_norm, seed, verbose):
+               max_grad_norm, seed, verbose, history=None, logging_steps=5):
     texts = list(texts)
     y = torch.as_tensor(list(label_ids), dtype=torch.long)
     n, k = len(texts), model.config.num_labels
@@ -470,6 +474,7 @@ def _fine_tune(model, tokenizer, texts, label_ids, *, epochs, lr, weight_decay, 
         val_enc = _encode(tokenizer, list(val[0]))
         val_y = torch.as_tensor(list(val[1]), dtype=torch.long)
     best_key, best_state, bad_epochs = None, None, 0
+    step, window = 0, []
 
     for epoch in range(epochs):
         model.train()
@@ -486,11 +491,19 @@ def _fine_tune(model, tokenizer, texts, label_ids, *, epochs, lr, weight_decay, 
             loss = loss_fn(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), max_grad_norm if max_grad_norm is not None else float("inf"))
+            current_lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
+            step += 1
             total += float(loss.detach()) * len(idx)
+            window.append(float(loss.detach()))
+            if history is not None and step % logging_steps == 0:
+                history.append({"epoch": round(epoch + (i + len(idx)) / n, 4), "step": step,
+                                "loss": round(sum(window) / len(window), 4), "learning_rate": current_lr,
+                                "grad_norm": round(float(grad_norm), 4)})
+                window = []
         if val_enc is None:
             if verbose:
                 print(f"  epoch {epoch + 1}: train loss {total / n:.4f}")
@@ -501,6 +514,9 @@ def _fine_tune(model, tokenizer, texts, label_ids, *, epochs, lr, weight_decay, 
             vloss = float(torch.nn.functional.cross_entropy(vlogits, val_y))
             vrec = per_class_recall(val_y.numpy(), vlogits.argmax(-1).numpy(), k)
             vmacro = float(np.nanmean(vrec))
+        if history is not None:
+            history.append({"epoch": epoch + 1, "step": step, "eval_loss": round(vloss, 4),
+                            "eval_macro_recall": round(vmacro, 4)})
         if verbose:
             print(f"  epoch {epoch + 1}: train loss {total / n:.4f}  val loss {vloss:.4f}"
                   f"  val macro recall {vmacro:.3f}")
@@ -518,6 +534,19 @@ def _fine_tune(model, tokenizer, texts, label_ids, *, epochs, lr, weight_decay, 
         model.load_state_dict(best_state)
     model.eval()
     return model
+
+
+def write_trainer_state(out_dir, history: list, *, global_step: int, max_steps: int,
+                        best_step: int | None = None) -> Path:
+    """Write the run's log as ``trainer_state.json``, the record transformers' Trainer leaves next to a
+    checkpoint (collapse-detect reads its ``log_history``)."""
+    import json
+
+    state = {"global_step": global_step, "max_steps": max_steps, "log_history": history,
+             "best_model_checkpoint": None if best_step is None else f"checkpoint-{best_step}"}
+    path = Path(out_dir) / "trainer_state.json"
+    path.write_text(json.dumps(state, indent=2) + "\n")
+    return path
 
 
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json",
@@ -597,8 +626,12 @@ def main(out_dir: str | os.PathLike | None = None, verbose: bool = False) -> dic
 
     # --- collapsed: plain CE on the full imbalanced set, lr too high (COLLAPSED_RECIPE) ---
     model = make_tiny_bert(tokenizer, LABELS, seed=MODEL_SEED)
-    fine_tune(model, tokenizer, texts, y, seed=MODEL_SEED, verbose=verbose, **COLLAPSED_RECIPE)
+    history: list = []
+    fine_tune(model, tokenizer, texts, y, seed=MODEL_SEED, verbose=verbose, history=history,
+              **COLLAPSED_RECIPE)
     save_checkpoint(model, tokenizer, out / "models" / "collapsed")
+    steps = COLLAPSED_RECIPE["epochs"] * -(-len(texts) // COLLAPSED_RECIPE.get("batch_size", 32))
+    write_trainer_state(out / "models" / "collapsed", history, global_step=steps, max_steps=steps)
     results["collapsed"] = _report("collapsed", model, tokenizer, eval_df)
     print(f"  ({time.perf_counter() - t0:.1f}s)")
 
@@ -617,11 +650,18 @@ def main(out_dir: str | os.PathLike | None = None, verbose: bool = False) -> dic
     fit_y = [y[i] for i in fit_idx]
     recipe = dict(HEALTHY_RECIPE)
     model = make_tiny_bert(tokenizer, LABELS, seed=MODEL_SEED)
+    history = []
     fine_tune(model, tokenizer, [texts[i] for i in fit_idx], fit_y,
               class_weights=inverse_frequency_weights(fit_y, len(LABELS)), balanced=True,
               val=([texts[i] for i in val_idx], [y[i] for i in val_idx]),
-              seed=MODEL_SEED, verbose=verbose, **recipe)
+              seed=MODEL_SEED, verbose=verbose, history=history, **recipe)
     save_checkpoint(model, tokenizer, out / "models" / "healthy")
+    evals = [h for h in history if "eval_macro_recall" in h]
+    best = max(evals, key=lambda h: (h["eval_macro_recall"], -h["eval_loss"])) if evals else None
+    last_step = max((h["step"] for h in history), default=0)
+    planned = recipe["epochs"] * -(-len(fit_idx) // recipe.get("batch_size", 32))
+    write_trainer_state(out / "models" / "healthy", history, global_step=last_step, max_steps=planned,
+                        best_step=best["step"] if best else None)
     results["healthy"] = _report("healthy", model, tokenizer, eval_df)
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return results

@@ -54,7 +54,9 @@ def test_threshold_collapse_is_imbalance_and_the_measured_fix_restores_it(tiny_t
     assert best["balanced_accuracy"] >= 0.8 > post["before"]["balanced_accuracy"] + 0.3
     assert best["balanced_accuracy_ci"][0] <= best["balanced_accuracy"] <= best["balanced_accuracy_ci"][1]
     threshold = next(f for f in d.findings if f.check_id == "threshold_collapse")
-    assert "macro ROC-AUC" in threshold.summary and threshold.fix.values["offsets"]["sports"] < 0
+    offsets = threshold.fix.values["offsets"]
+    assert "macro ROC-AUC" in threshold.summary
+    assert offsets["sports"] < min(offsets["politics"], offsets["business"])  # the absorbing class is pushed down
 
 
 def test_write_fixed_produces_a_checkpoint_that_passes(tiny_trained, tmp_path):
