@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from .checks import REGISTRY, Finding, Severity  # noqa: E402
 from .diagnosis import Diagnosis  # noqa: E402
+from .api import diagnose  # noqa: E402
 
-__all__ = ["Diagnosis", "Finding", "Severity", "REGISTRY", "__version__"]
+__all__ = ["diagnose", "Diagnosis", "Finding", "Severity", "REGISTRY", "__version__"]

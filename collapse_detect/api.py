@@ -34,6 +34,8 @@ class RunOptions:
     skip: list[str] | None = None
     train_file: str | None = None
     write_fixed: str | None = None
+    threads: int | None = None      # None: chosen by runtime.choose_threads
+    dtype: str = "fp32"             # or "bf16"
 
 
 def _train_counts(options: RunOptions, class_names: list[str]) -> list[int] | None:
@@ -88,8 +90,10 @@ class ProbeOutcome:
     run: object
 
 
-def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_filter=None) -> ProbeOutcome:
-    """Load a checkpoint and probe it over an eval file (or the rows ``row_filter`` keeps)."""
+def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_filter=None,
+                sample_sync=None) -> ProbeOutcome:
+    """Load a checkpoint and probe it over an eval file (or the rows ``row_filter`` keeps; ``sample_sync``:
+    see ProbeOptions, for runs spread over several processes)."""
     from .checkpoint import load_checkpoint
     from .data import iter_chunks
     from .probe import run_probe
@@ -109,8 +113,13 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
                                   chunk_rows=options.chunk_rows, row_filter=row_filter)
     callback = None if on_chunk is None else (lambda chunk, probs: on_chunk(chunk, probs, class_names))
-    run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options_for(options),
-                    on_chunk=callback)
+    from .runtime import apply_threads
+
+    runtime = apply_threads(options.threads)
+    probe_options = probe_options_for(options)
+    probe_options.sample_sync = sample_sync
+    run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
+    run.runtime.update(runtime)
     return ProbeOutcome(loaded, class_names, columns, run)
 
 
@@ -121,7 +130,7 @@ def probe_options_for(options: RunOptions):
     return ProbeOptions(batch_size=options.batch_size, max_length=options.max_length,
                         max_tokens_per_batch=options.max_tokens_per_batch,
                         grad_sample=options.grad_sample, grad_layers=options.grad_layers,
-                        seed=options.seed, progress=options.progress)
+                        seed=options.seed, progress=options.progress, dtype=options.dtype)
 
 
 def diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options: RunOptions) -> Diagnosis:
@@ -146,7 +155,18 @@ def diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options:
         "rows": run.rows, "seed": options.seed, "probe_seconds": round(run.seconds, 3),
         "grad_seconds": round(run.grad_seconds, 3),
         "versions": _versions(), "notes": list(loaded.notes) + run.notes,
+        **run.runtime, "dtype": run.dtype,
     }
+    if run.drift is not None:
+        from .probe import drift_summary
+
+        drift = drift_summary(run.drift, len(outcome.class_names))
+        metadata["dtype_drift"] = drift
+        if drift:
+            metadata["notes"].append(
+                f"{run.dtype}: on {drift['rows']} seeded rows probed in fp32 too, probabilities differ by at most "
+                f"{drift['max_abs_prob_diff']:.2g} (mean {drift['mean_abs_prob_diff']:.2g}) and the predicted "
+                f"class agrees on {100 * drift['prediction_agreement']:.1f}% of them")
     stats["evidence"] = gather_evidence(outcome, stats, options)
     train_counts = stats["model"].get("train_counts")
     stats["posthoc"] = _posthoc(run.accumulator, options, train_counts)

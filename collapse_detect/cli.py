@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Trainer output_dir with checkpoint-* subfolders (not with --predictions)")
     p.add_argument("data", metavar="DATA", nargs="?", help="eval file: .csv, .tsv, .jsonl or .parquet with a text "
                    "and a label column (not with --predictions)")
-    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<model dir name>/)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<model dir name>/, or "
+                   "reports/<predictions file name>/)")
     p.add_argument("--text-col", metavar="C", help="text column (default: detected)")
     p.add_argument("--text-pair-col", metavar="C2", help="second text column for sentence pairs")
     p.add_argument("--label-col", metavar="L", help="gold label column (default: detected)")
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate inputs to N tokens (default: the model's limit)")
     p.add_argument("--max-tokens-per-batch", type=_positive_int("--max-tokens-per-batch"), default=None,
                    metavar="N", help="cap padded tokens per batch (bounds memory)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
+                   help="CPU threads for the model (default: OMP_NUM_THREADS, else the physical cores available "
+                        "to this process, shared among torchrun's processes on the node)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="compute dtype; bf16 is faster on CPUs with AVX512-BF16/AMX and the report states its "
+                        "probability drift against fp32 on a seeded sample of rows (default: fp32)")
     p.add_argument("--fail-on", choices=["warn", "fail"], default="fail",
                    help="lowest severity of a collapse finding that makes the exit code 1 (default: fail)")
     p.add_argument("--format", type=_formats, default=set(FORMATS), metavar="LIST",
@@ -111,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code (usage errors and --help included, not raised)."""
+    from .runtime import prepare_process_env
+
+    prepare_process_env()  # before anything imports torch: OpenMP reads its wait policy once
     try:
         return _main(argv)
     except SystemExit as exc:
@@ -148,6 +158,9 @@ def _main(argv: list[str] | None) -> int:
         return _run(args)
     except CollapseDetectError as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        from .distributed import notify_failure
+
+        notify_failure(str(exc))  # under torchrun: the other ranks stop too
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
@@ -156,6 +169,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(args) -> int:
     from .api import RunOptions, diagnosis_from_outcome, probe_files, write_fixed
+    from . import distributed
     from .outputs import OutputWriter
     from .report.render import render_terminal
     from .report.write import append_step_summary, write_junit, write_report_files
@@ -163,13 +177,6 @@ def _run(args) -> int:
     model_dir = Path(args.model_dir) if args.model_dir is not None else None
     default_name = model_dir.resolve().name if model_dir is not None else Path(args.predictions).stem
     out_dir = Path(args.out) if args.out else Path("reports") / (default_name or "model")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {str(out_dir)!r} is a file; pass a folder")
-    if args.write_fixed and Path(args.write_fixed).exists() and (
-            not Path(args.write_fixed).is_dir() or any(Path(args.write_fixed).iterdir())):
-        raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new folder")
-    if args.train_file and not Path(args.train_file).is_file():
-        raise InputError(f"--train-file {args.train_file!r} does not exist")
     label_names = [x.strip() for x in args.label_names.split(",")] if args.label_names else None
     options = RunOptions(
         text_col=args.text_col, text_pair_col=args.text_pair_col, label_col=args.label_col, label_names=label_names,
@@ -178,7 +185,19 @@ def _run(args) -> int:
         allow_pickle=args.allow_pickle, progress=(not args.quiet) and sys.stderr.isatty(),
         train_file=args.train_file, write_fixed=args.write_fixed,
         check_params=args.check_params, only=args.only, skip=args.skip,
+        threads=args.threads, dtype=args.dtype,
     )
+    # under torchrun: ranks > 0 probe their shard and hand it to rank 0, which alone checks and writes outputs
+    dist = distributed.from_env() if args.predictions is None else None
+    if dist is not None and dist.rank != 0:
+        return distributed.follow(dist, model_dir, args.data, options, keep_predictions="csv" in args.format)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {str(out_dir)!r} is a file; pass a folder")
+    if args.write_fixed and Path(args.write_fixed).exists() and (
+            not Path(args.write_fixed).is_dir() or any(Path(args.write_fixed).iterdir())):
+        raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new folder")
+    if args.train_file and not Path(args.train_file).is_file():
+        raise InputError(f"--train-file {args.train_file!r} does not exist")
     if args.predictions is not None and args.write_fixed:
         raise InputError("--write-fixed needs a model; it cannot be used with --predictions")
     writer = OutputWriter(out_dir, args.format)
@@ -188,11 +207,15 @@ def _run(args) -> int:
 
             # the input already is a predictions file: no predictions.csv is written again
             diagnosis = diagnose_predictions(args.predictions, options, pred_col=args.pred_col)
+        elif dist is not None:
+            outcome = distributed.lead(dist, model_dir, args.data, options, writer,
+                                       keep_predictions="csv" in args.format)
         else:
             outcome = probe_files(
                 model_dir, args.data, options,
                 on_chunk=lambda chunk, probs, names: writer.write_predictions(chunk.row_ids, chunk.gold, probs,
                                                                               names))
+        if args.predictions is None:
             diagnosis = diagnosis_from_outcome(outcome, model_dir, args.data, options)
             if args.write_fixed:
                 diagnosis.metadata["fixed_checkpoint"] = write_fixed(outcome, diagnosis, args.data, options)

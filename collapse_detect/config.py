@@ -24,8 +24,9 @@ from .errors import ConfigError
 
 TOOL = "collapse-detect"
 CHECKS_KEY = "checks"
-# Options that choose what to read, not how: never taken from a file.
-NOT_CONFIGURABLE = frozenset({"config", "set", "help", "version", "predictions"})
+# Options that choose what to read, or one-off actions (--write-fixed refuses a folder that exists, so a file
+# setting it would break the second run): never taken from a file.
+NOT_CONFIGURABLE = frozenset({"config", "set", "help", "version", "predictions", "write-fixed"})
 
 
 @dataclass
@@ -212,6 +213,8 @@ def _param_kind(default) -> str:
         return "number"
     if isinstance(default, str):
         return "string"
+    if isinstance(default, (tuple, list)):
+        return f"array of {len(default)} numbers"
     return "any"
 
 
@@ -227,14 +230,21 @@ def check_param(check_id: str, param: str, value, where: str):
         takes = ", ".join(f"{p} (default {d!r})" for p, d in defaults.items()) or "no parameters"
         raise ConfigError(f"{where}: {check_id} has no parameter {param!r}{_suggest(param, defaults)}; "
                           f"it takes: {takes}")
-    kind = _param_kind(defaults[param])
-    ok = {"boolean": isinstance(value, bool),
-          "integer": isinstance(value, int) and not isinstance(value, bool),
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "string": isinstance(value, str), "any": True}[kind]
+    default = defaults[param]
+    kind = _param_kind(default)
+    if kind.startswith("array"):
+        ok = (isinstance(value, list) and len(value) == len(default)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    else:
+        ok = {"boolean": isinstance(value, bool),
+              "integer": isinstance(value, int) and not isinstance(value, bool),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "string": isinstance(value, str), "any": True}[kind]
     if not ok:
-        article = "an" if kind == "integer" else "a"
+        article = "an" if kind[0] in "aeiou" else "a"
         raise ConfigError(f"{where}: {check_id}.{param} must be {article} {kind}, got {_show(value)}")
+    if kind.startswith("array"):
+        return tuple(float(v) for v in value)
     return float(value) if kind == "number" else value
 
 

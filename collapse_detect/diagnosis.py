@@ -16,6 +16,8 @@ class Diagnosis:
     stats: dict
     metadata: dict = field(default_factory=dict)
     root_cause: dict | None = None
+    # per-row predictions of a Python-API run (row_id, gold, predicted, prob_<class>): what predictions.csv holds
+    predictions: object = field(default=None, repr=False, compare=False)
 
     @property
     def worst(self) -> Severity | None:
@@ -74,6 +76,13 @@ class Diagnosis:
         from .report.render import render_compact_html
 
         return render_compact_html(self)
+
+    def save(self, out_dir, formats=None, fail_on: str | None = None):
+        """Write the report files the CLI writes (report.html, summary.json, summary.md, the PNGs and, for a
+        Python-API run, predictions.csv) into ``out_dir``; returns the folder."""
+        from .report.write import save_report
+
+        return save_report(self, out_dir, formats, fail_on or self.metadata.get("fail_on", "fail"))
 
 
 def _jsonable(value):

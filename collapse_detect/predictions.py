@@ -26,8 +26,6 @@ from .stats import Accumulator, compute_stats
 PROB_PREFIX = "prob_"
 GOLD_COLUMN_NAMES = ("gold", "label", "labels", "y_true", "true_label", "target", "class", "category", "y")
 PRED_COLUMN_NAMES = ("predicted", "prediction", "pred", "predicted_label", "y_pred", "predicted_class")
-# the checks that read per-row scores; with labels only they would judge the one-hot stand-in
-SCORE_CHECKS = ("constant_output",)
 PROB_FLOOR = 1e-12  # log(0) would make the logits -inf; 1e-12 is far below any probability that matters
 SUM_TOLERANCE = 0.01  # rounded probabilities (predictions.csv keeps 6 digits) still sum to 1 within this
 
@@ -105,7 +103,8 @@ def detect_prediction_columns(path, first: pd.DataFrame, *, label_col=None, pred
             values.update(v for v in frame[column].dropna().tolist())
     names = _natural_classes(values)
     if len(names) < 2:
-        raise InputError(f"{str(path)!r}: the gold and predicted labels hold one class only ({names[0] if names else 'none'}); "
+        only = names[0] if names else "none"
+        raise InputError(f"{str(path)!r}: the gold and predicted labels hold one class only ({only}); "
                          "pass --label-names to name every class the model has")
     return PredictionColumns(gold, names, predicted=pred)
 
@@ -196,7 +195,12 @@ def mark_scores_unavailable(stats: dict, reason: str) -> None:
 def diagnose_predictions(path, options, *, pred_col=None):
     """Statistics and checks for a predictions file; ``options`` is an ``api.RunOptions`` (label_col,
     label_names, seed, chunk_rows, check_params, only, skip)."""
+    from dataclasses import replace
+
+    from .analysis import label_permutation
     from .api import judge
+    from .checks import REGISTRY
+    from .posthoc import evaluate_posthoc
 
     path = Path(path)
     acc, columns, rows = read_predictions(path, label_col=options.label_col, pred_col=pred_col,
@@ -204,23 +208,28 @@ def diagnose_predictions(path, options, *, pred_col=None):
                                           chunk_rows=options.chunk_rows)
     stats = compute_stats(acc)
     stats["model"] = {"generic_label_names": False}
+    # the evidence that arrays alone give; the rest needs the model (MODEL_ONLY_PARTS)
+    stats["evidence"] = {"label_permutation": label_permutation(stats["confusion"])}
     not_run = dict(MODEL_ONLY_PARTS)
+    # a check that needs the model (CheckSpec.requires) would only see missing evidence: it is not run
+    not_run.update({c: "needs the model" for c, spec in REGISTRY.items() if spec.requires == "model"})
     notes = [f"Judged from precomputed predictions in {path.name}; no model was loaded, so the model-only parts "
              f"({', '.join(MODEL_ONLY_PARTS)}) were not run."]
-    skip = list(options.skip or [])
     if columns.probs is None:
         reason = f"{path.name} holds predicted labels only (column {columns.predicted!r}), no probabilities"
         mark_scores_unavailable(stats, reason)
-        for check_id in SCORE_CHECKS:
-            not_run[check_id] = "needs per-class probabilities"
-            if check_id not in skip:
-                skip.append(check_id)
+        stats["posthoc"] = None
+        score_checks = [c for c, spec in REGISTRY.items() if spec.requires == "scores"]
+        not_run.update({c: "needs per-class probabilities" for c in score_checks})
         notes.append(f"Only predicted labels were given: ROC-AUC, confidence, calibration and score spread are "
-                     f"not available, and {', '.join(SCORE_CHECKS)} was not run. Write {PROB_PREFIX}<class> columns "
-                     "to get them.")
-    elif columns.predicted:
-        notes.append(f"Predictions are the argmax of the {PROB_PREFIX}<class> columns; column "
-                     f"{columns.predicted!r} was not read.")
+                     f"not available, and {', '.join(score_checks)} did not run. "
+                     f"Write {PROB_PREFIX}<class> columns to get them.")
+    else:
+        sample = acc.sample.arrays
+        stats["posthoc"] = evaluate_posthoc(sample["logits"], sample["gold"], seed=options.seed) if sample else None
+        if columns.predicted:
+            notes.append(f"Predictions are the argmax of the {PROB_PREFIX}<class> columns; column "
+                         f"{columns.predicted!r} was not read.")
     metadata = {
         "mode": "predictions", "predictions_file": str(path), "model_dir": None, "model_name": path.stem,
         "data_file": str(path),
@@ -229,11 +238,5 @@ def diagnose_predictions(path, options, *, pred_col=None):
         "scores": "probabilities" if columns.probs else "predicted labels only",
         "rows": rows, "seed": options.seed, "versions": _versions(), "not_run": not_run, "notes": notes,
     }
-    run_options = _with_skip(options, skip)
-    return judge(stats, metadata, run_options)
-
-
-def _with_skip(options, skip: list[str]):
-    from dataclasses import replace
-
-    return replace(options, skip=skip or None)
+    skip = list(options.skip or []) + [c for c in not_run if c in REGISTRY and c not in (options.skip or [])]
+    return judge(stats, metadata, replace(options, skip=skip or None))

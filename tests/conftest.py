@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def collapsed_report(tiny_collapsed, tmp_path_factory):
     from collapse_detect.cli import main
 
     out = tmp_path_factory.mktemp("collapsed_report")
-    code = main([str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--out", str(out / "report"),
-                 "--junit", str(out / "junit.xml"), "--quiet"])
+    here = os.getcwd()
+    os.chdir(out)  # away from any pyproject.toml with a [tool.collapse-detect] table
+    try:
+        code = main([str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--out", str(out / "report"),
+                     "--junit", str(out / "junit.xml"), "--quiet"])
+    finally:
+        os.chdir(here)
     return {"code": code, "out": out / "report", "junit": out / "junit.xml"}

@@ -138,14 +138,46 @@ def gradient_mass(stats: dict, group: str) -> bytes | None:
     return _png(fig)
 
 
+def reliability_diagram(stats: dict) -> bytes | None:
+    """Accuracy against confidence per bin: equal-width bins (every row; bar width = bin) and equal-mass bins
+    (the seeded sample; dots), with the diagonal of perfect calibration."""
+    cal = stats.get("calibration") or {}
+    if cal.get("available") is False or not cal.get("bins"):
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color=COLORS["base"], ls="--", lw=1, label="perfect calibration")
+    for b in cal["bins"]:
+        ax.bar(b["lo"], b["accuracy"], width=b["hi"] - b["lo"], align="edge", color=COLORS["prior"],
+               edgecolor="white", alpha=0.9)
+        ax.bar(b["lo"], b["confidence"] - b["accuracy"], bottom=b["accuracy"], width=b["hi"] - b["lo"],
+               align="edge", color=COLORS["pred"], alpha=0.25, edgecolor="none")
+    mass = cal.get("bins_equal_mass") or []
+    if mass:
+        ax.plot([b["confidence"] for b in mass], [b["accuracy"] for b in mass], "o-", color=COLORS["pred"],
+                ms=4, lw=1, label=f"equal-mass bins (ECE {cal['ece_equal_mass']:.3f})")
+    ax.bar([0], [0], color=COLORS["prior"], label=f"equal-width bins (ECE {cal['ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    temp = cal.get("temperature")
+    ax.set_title("Reliability" + (f" (fitted temperature {temp['value']:.2f})" if temp else ""))
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    return _png(fig)
+
+
 def all_plots(stats: dict) -> dict[str, bytes]:
     """Every plot the report shows, by file name."""
     plots = {
         "prior_vs_predicted.png": prior_vs_predicted(stats),
         "recall_by_class.png": recall_by_class(stats),
         "confusion_matrix.png": confusion_matrix(stats),
-        "confidence_by_class.png": confidence_histogram(stats),
     }
+    if stats.get("confidence_histogram"):  # None when only predicted labels were given
+        plots["confidence_by_class.png"] = confidence_histogram(stats)
+    reliability = reliability_diagram(stats)
+    if reliability:
+        plots["reliability.png"] = reliability
     for group in ("head", "ghost:total"):
         box = gradient_norms(stats, group)
         mass = gradient_mass(stats, group)

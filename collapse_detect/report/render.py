@@ -33,8 +33,12 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
     d = diagnosis.to_dict(fail_on)
     meta = diagnosis.metadata
     lines = [f"# collapse-detect: {d['verdict']}", ""]
-    lines.append(f"- Model: `{_md_escape(meta.get('model_dir', '?'))}`  ")
-    lines.append(f"- Data: `{_md_escape(meta.get('data_file', '?'))}` ({s['n']} rows, {s['k']} classes)  ")
+    if meta.get("predictions_file"):
+        lines.append(f"- Predictions: `{_md_escape(meta['predictions_file'])}` ({s['n']} rows, {s['k']} classes; "
+                     f"{_md_escape(meta.get('scores', ''))}; no model was run)  ")
+    else:
+        lines.append(f"- Model: `{_md_escape(meta.get('model_dir', '?'))}`  ")
+        lines.append(f"- Data: `{_md_escape(meta.get('data_file', '?'))}` ({s['n']} rows, {s['k']} classes)  ")
     worst = d["worst_class"]
     if worst:
         lines.append(f"- Worst class: **{_md_escape(worst['class'])}** (recall {worst['recall']:.2f}, "
@@ -42,6 +46,13 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
     lines.append(f"- Accuracy {s['accuracy']:.3f} (majority baseline {s['majority_baseline']['accuracy']:.3f}), "
                  f"balanced accuracy {s['balanced_accuracy']:.3f}, macro F1 {s['macro_f1']:.3f}, "
                  f"MCC {s['mcc']:.3f}")
+    cal = s.get("calibration") or {}
+    if cal.get("ece") is not None:
+        temp = cal.get("temperature")
+        mass = cal.get("ece_equal_mass")
+        lines.append(f"- Calibration: ECE {cal['ece']:.3f} (equal-width bins)"
+                     + (f", {mass:.3f} (equal-mass bins)" if mass is not None else "")
+                     + (f"; fitted temperature {temp['value']:.2f}" if temp else ""))
     if diagnosis.root_cause:
         rc = diagnosis.root_cause
         lines.append(f"- Likely cause: **{_md_escape(rc['label'])}** (confidence {rc['confidence']})")

@@ -41,7 +41,9 @@ def _write_predictions_frame(writer: OutputWriter, frame, class_names: list[str]
 
 def save_report(diagnosis, out_dir, formats=None, fail_on: str = "fail") -> Path:
     """Write the files ``collapse-detect MODEL DATA --out out_dir`` writes; all of them or none."""
-    formats = set(FORMATS) if formats is None else {str(f).lower() for f in formats}
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    formats = set(FORMATS) if formats is None else {str(f).strip().lower() for f in formats}
     unknown = sorted(formats - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
