@@ -8,6 +8,7 @@ they reach the accumulator.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ class ProbeOptions:
     seed: int = 0
     progress: bool = False
     sample_rows: int = 4000
+    dtype: str = "fp32"           # "bf16": run the model in bfloat16 (weights cast for the run, restored after)
+    drift_rows: int = 256         # with bf16: seeded rows probed in fp32 too, to measure the probability drift
+    # Several processes (torchrun): called with the per-class ghost-norm reservoirs before the ghost pass, it
+    # returns them trimmed to this process's share of the global sample (see distributed.py).
+    sample_sync: Callable | None = None
 
 
 @dataclass
@@ -45,6 +51,9 @@ class ProbeRun:
     seconds: float = 0.0
     grad_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    dtype: str = "fp32"
+    drift: Reservoir | None = None  # bf16 only: per-row |p_bf16 - p_fp32| on the seeded rows (merges)
+    runtime: dict = field(default_factory=dict)  # threads, wait policy, processes: for the metadata
 
 
 def model_max_length(model, tokenizer, requested: int | None) -> int:
@@ -92,15 +101,22 @@ class HeadCapture:
 
 
 def _encode(tokenizer, texts, pairs, max_length):
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False,
-                    return_attention_mask=True, return_length=False)
-    if pairs is None:
-        full = tokenizer(texts, truncation=False, padding=False, return_attention_mask=False,
-                         add_special_tokens=True)["input_ids"]
-    else:
-        full = tokenizer(texts, pairs, truncation=False, padding=False, return_attention_mask=False,
-                         add_special_tokens=True)["input_ids"]
-    return enc, np.asarray([len(x) for x in full])
+    """Token ids (and token types) of a chunk, truncated to ``max_length``, and each row's untruncated length.
+
+    One tokenizer call for the whole chunk; only rows that are too long are tokenized again with truncation
+    (the tokenizer's own strategy, so pairs are cut as transformers cuts them)."""
+    enc = tokenizer(texts, pairs, truncation=False, padding=False, return_attention_mask=False,
+                    add_special_tokens=True)
+    enc = {key: list(enc[key]) for key in ("input_ids", "token_type_ids") if key in enc}
+    full_lengths = np.asarray([len(x) for x in enc["input_ids"]])
+    long_rows = np.flatnonzero(full_lengths > max_length)
+    if len(long_rows):
+        cut = tokenizer([texts[i] for i in long_rows], None if pairs is None else [pairs[i] for i in long_rows],
+                        truncation=True, max_length=max_length, padding=False, return_attention_mask=False)
+        for key in enc:
+            for j, i in enumerate(long_rows):
+                enc[key][i] = cut[key][j]
+    return enc, full_lengths
 
 
 def _progress(total_hint: int | None, enabled: bool):
@@ -117,11 +133,17 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
               on_chunk: Callable[[Chunk, np.ndarray], None] | None = None, total_rows: int | None = None) -> ProbeRun:
     """Probe every row; ``on_chunk(chunk, probs)`` sees each chunk's probabilities in input order."""
     from .gradnorm import find_head, head_grad_norms
+    from .runtime import bf16_fast, cast_model, torch_dtype
 
     model.eval()
     max_length = model_max_length(model, tokenizer, options.max_length)
     acc = Accumulator(class_names, seed=options.seed, sample_rows=options.sample_rows)
-    run = ProbeRun(acc, max_length=max_length)
+    run = ProbeRun(acc, max_length=max_length, dtype=options.dtype or "fp32")
+    dtype = torch_dtype(options.dtype)
+    drift = Reservoir(options.drift_rows) if dtype != torch.float32 and options.drift_rows > 0 else None
+    if dtype == torch.bfloat16 and not bf16_fast():
+        run.notes.append("--dtype bf16 on a CPU without native bf16 matmul (AVX512-BF16/AMX): it is emulated "
+                         "and likely slower than fp32")
     head = find_head(model)
     capture = HeadCapture(head)
     unk_id = getattr(tokenizer, "unk_token_id", None)
@@ -130,7 +152,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     try:
-        with _progress(total_rows, options.progress) as bar:
+        with _progress(total_rows, options.progress) as bar, cast_model(model, dtype):
             for chunk in chunks:
                 n = len(chunk.texts)
                 if n == 0:
@@ -141,7 +163,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                 run.truncated_rows += int((full_lengths > lengths).sum())
                 run.tokens += int(lengths.sum())
                 if unk_id is not None and unk_id not in (pad_id,):
-                    run.unknown_tokens += int(sum(sum(1 for t in x if t == unk_id) for x in ids))
+                    run.unknown_tokens += int(sum(x.count(unk_id) for x in ids))
                 logits = np.empty((n, len(class_names)), dtype=np.float32)
                 features = None
                 for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
@@ -169,17 +191,59 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                         grad_rows[c].add(prio[sel], row_id=chunk.row_ids[sel],
                                          ids=_objects(ids[i] for i in sel),
                                          token_type=_objects(types[i] if types is not None else None for i in sel))
+                if drift is not None:
+                    types = enc.get("token_type_ids")
+                    drift.add(row_priority(chunk.row_ids, options.seed), row_id=chunk.row_ids,
+                              ids=_objects(ids), token_type=_objects(types if types is not None else [None] * n),
+                              probs=_softmax(logits))
                 if on_chunk is not None:
                     on_chunk(chunk, _softmax(logits))
                 run.rows += n
     finally:
         capture.close()
     run.seconds = time.perf_counter() - start
+    if drift is not None:
+        run.drift = _drift_pass(model, drift, options, pad_id)
+    if grad_rows is not None and options.sample_sync is not None:
+        grad_rows = options.sample_sync(grad_rows)
     if grad_rows is not None:
         t0 = time.perf_counter()
         _ghost_pass(model, grad_rows, acc, options, pad_id)
         run.grad_seconds = time.perf_counter() - t0
     return run
+
+
+def _drift_pass(model, sample: Reservoir, options: ProbeOptions, pad_id: int) -> Reservoir:
+    """Probe the seeded rows again in fp32 (the model's own weights, restored after the low-precision run) and
+    keep, per row, how far the low-precision probabilities were: a reservoir that merges across processes."""
+    out = Reservoir(sample.capacity)
+    if len(sample) == 0:
+        return out
+    enc = {"input_ids": list(sample.arrays["ids"])}
+    types = list(sample.arrays["token_type"])
+    if types and types[0] is not None:
+        enc["token_type_ids"] = types
+    low = sample.arrays["probs"].astype(np.float64)
+    logits = np.empty(low.shape, dtype=np.float64)
+    lengths = np.asarray([len(x) for x in enc["input_ids"]])
+    with torch.inference_mode():
+        for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
+            logits[batch_idx] = model(**_pad(enc, batch_idx, pad_id)).logits.double().numpy()
+    high = _softmax(logits)
+    diff = np.abs(low - high)
+    out.add(sample.priority, row_id=sample.arrays["row_id"], max_abs=diff.max(axis=1), sum_abs=diff.sum(axis=1),
+            agree=low.argmax(axis=1) == high.argmax(axis=1))
+    return out
+
+
+def drift_summary(drift: Reservoir | None, k: int) -> dict | None:
+    """max/mean |p_low - p_fp32| over the seeded rows and classes, and how often the predictions agree."""
+    if drift is None or len(drift) == 0:
+        return None
+    a = drift.arrays
+    return {"rows": int(len(drift)), "max_abs_prob_diff": float(a["max_abs"].max()),
+            "mean_abs_prob_diff": float(a["sum_abs"].sum() / (len(drift) * k)),
+            "prediction_agreement": float(a["agree"].mean())}
 
 
 def _objects(items) -> np.ndarray:
@@ -198,20 +262,19 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _pad(enc, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` padded to their longest (one vectorised fill, not a tensor per row)."""
     rows = [enc["input_ids"][i] for i in idx]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        input_ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        attention[j, : len(r)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention}
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    total = int(lengths.sum())
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
     if "token_type_ids" in enc:
-        tt = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            t = enc["token_type_ids"][i]
-            tt[j, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-        batch["token_type_ids"] = tt
+        tt = np.zeros(mask.shape, dtype=np.int64)
+        tt[mask] = np.fromiter(itertools.chain.from_iterable(enc["token_type_ids"][i] for i in idx),
+                               dtype=np.int64, count=total)
+        batch["token_type_ids"] = torch.from_numpy(tt)
     return batch
 
 

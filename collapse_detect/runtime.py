@@ -1,0 +1,134 @@
+"""How the probe uses the CPU: OpenMP wait policy, thread count and compute dtype.
+
+Measured on a 2-core runner with a MiniLM-L6-sized classifier (see benchmarks/bench_probe.py): with the other
+core busy, 2 OpenMP threads under the default (spinning) wait policy ran at ~0.4-0.6x of 1 thread, because each
+parallel region waits for the thread that shares its core with the neighbour while the other thread spins.
+With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep instead, and 2 threads run at least as fast as 1 on a busy
+machine and close to 2x on an idle one. libgomp reads the variable once, when torch is imported, so
+``prepare_process_env`` must run before the first ``import torch`` (``cli.main`` calls it first thing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+
+DTYPES = ("fp32", "bf16")
+
+
+def prepare_process_env() -> None:
+    """Set the OpenMP wait policy before torch is imported (an explicit setting by the user wins)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _physical_cores(cpus: list[int]) -> int:
+    """Distinct (package, core) pairs among ``cpus``: hyperthread siblings share one core's FMA units."""
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return len(cores) or len(cpus)
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup quota (containers, CI runners), or None when there is none."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())  # cgroup v1
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Physical cores this process may run on: CPU affinity, hyperthreads folded, cgroup quota applied."""
+    cores = _physical_cores(_affinity())
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.floor(limit)))
+    return max(1, cores)
+
+
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """The intra-op thread count and why: ``--threads``, else ``OMP_NUM_THREADS`` (torchrun sets 1 when it
+    starts several processes per node), else the available physical cores shared among this node's processes."""
+    if requested:
+        return int(requested), "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local = int(local) if local.isdigit() and int(local) > 0 else 1
+    cores = available_cores()
+    why = f"{cores} physical core(s) available" + (f" / {local} processes on this node" if local > 1 else "")
+    return max(1, cores // local), why
+
+
+def apply_threads(requested: int | None = None) -> dict:
+    """Set torch's intra-op threads; return what was chosen (for the report's metadata)."""
+    import torch
+
+    n, why = choose_threads(requested)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return {"threads": n, "threads_reason": why, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "fp32", "float32"):
+        return torch.float32
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+
+
+def bf16_fast() -> bool:
+    """Whether this CPU has native bf16 matmul (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def cast_model(model, dtype):
+    """Run ``model`` in ``dtype`` inside the block; afterwards its original parameters and buffers are back,
+    bit for bit (the fp32 tensors are kept, not round-tripped through bf16), so an fp32 pass can follow."""
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        yield model
+        return
+    params = {name: p.data for name, p in model.named_parameters()}
+    buffers = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
+               if buf is not None]
+    model.to(dtype)
+    try:
+        yield model
+    finally:
+        for name, p in model.named_parameters():
+            p.data = params[name]
+        for module, name, buf in buffers:
+            module._buffers[name] = buf
