@@ -427,7 +427,9 @@ def training_record(stats, *, max_learning_rate: float = 1e-4):
     if rec.get("max_learning_rate") is not None and rec["max_learning_rate"] >= max_learning_rate:
         problems.append(f"peak learning rate {rec['max_learning_rate']:.2g}")
     return [Finding("training_record", Severity.WARN, "Training record: " + "; ".join(problems) + ".",
-                    evidence=rec, cause="See the training arguments.", fix=fixes.optimization_fix())]
+                    evidence=rec,
+                    cause="The training arguments: learning rate, warm-up, evaluation and early stopping.",
+                    fix=fixes.optimization_fix(rec.get("max_learning_rate")))]
 
 
 def checks_selected(only=None, skip=None) -> list[str]:

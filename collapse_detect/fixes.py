@@ -142,14 +142,37 @@ def imbalance_fix(stats: dict, train_counts=None) -> Fix:
     )
 
 
-def optimization_fix() -> Fix:
+def optimization_fix(peak_learning_rate: float | None = None) -> Fix:
+    seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}; start from a tenth of it or less. "
+            if peak_learning_rate else "")
     return Fix(
         title="Retrain with a smaller learning rate and warm-up",
         steps=[
-            "A pretrained encoder whose outputs no longer depend on the input usually diverged: lower the "
+            seen + "A pretrained encoder whose outputs no longer depend on the input usually diverged: lower the "
             "learning rate (1e-5 to 5e-5 for BERT-size models), warm up over ~10% of the steps, clip gradients "
             "(max_grad_norm=1.0).",
             "Check that the classification head was trained at all (saved after training, not before) and that "
             "the tokenizer saved with the model is the one it was trained with.",
         ],
+        values={"peak_learning_rate": peak_learning_rate} if peak_learning_rate else {},
     )
+
+
+def fix_for_cause(cause: str, stats: dict) -> Fix | None:
+    """The first fix to try for a named root cause."""
+    record = (stats.get("evidence") or {}).get("training_record") or {}
+    if cause in ("diverged_optimization", "representation_collapse", "input_ignored"):
+        return optimization_fix(record.get("max_learning_rate"))
+    if cause == "class_imbalance":
+        return imbalance_fix(stats, (stats.get("model") or {}).get("train_counts"))
+    if cause == "untrained_head":
+        return Fix("Save the fine-tuned model, head included",
+                   ["Call trainer.save_model() / model.save_pretrained() after training, and check that "
+                    "from_pretrained() reports no newly initialised classifier weights."])
+    if cause == "label_mapping_mismatch":
+        return Fix("Fix id2label / label2id", ["See the label_mapping_mismatch finding for the mapping that fits."])
+    if cause == "tokenizer_mismatch":
+        return Fix("Use the training tokenizer", ["Save the tokenizer next to the model "
+                                                  "(tokenizer.save_pretrained(output_dir)) and load both from "
+                                                  "the same folder."])
+    return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -189,6 +189,24 @@ def _ghost_is_cheaper(T: int, d: int, p: int) -> bool:
 # Upper bound on the (chunk, d, p) per-example gradients held at once by the materialising route.
 _MATERIALISE_BYTES = 64 * 2**20
 
+# Beyond this many positions the (T x T) same-id Gram of an embedding gets too big (B T^2
+# floats); a sort + index_add takes over.
+_EMBEDDING_GRAM_MAX_T = 1024
+
+# Elementwise passes over (B, T, d) tensors are memory-bound and slow next to BLAS on CPU, so
+# reductions below are written as batched matmuls (bmm) or a single norm where possible.
+
+
+def _rowsq(x: torch.Tensor) -> torch.Tensor:
+    """Per-example sum of squares over all but the first dimension, one pass."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example <x, y> over all but the first dimension, as one batched matmul."""
+    B = x.shape[0]
+    return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
+
 
 def _masked_sum(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """sum_t m_t g_t as one batched matmul (one pass over g, no masked copy)."""
@@ -197,11 +215,15 @@ def _masked_sum(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.bmm(mask.unsqueeze(1), g).squeeze(1)
 
 
+def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask.unsqueeze(2) * mask.unsqueeze(1)
+
+
 def _gram(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Masked input Gram matrix (B, T, T): zeroing row and column t drops position t."""
     aa = torch.bmm(a, a.transpose(1, 2))
     if mask is not None:
-        aa = aa * (mask.unsqueeze(2) * mask.unsqueeze(1))
+        aa = aa * _pair_mask(mask)
     return aa
 
 
@@ -231,13 +253,13 @@ def _linear_sq(
     B, T, d = a.shape
     p = g.shape[-1]
     if T == 1:
-        w = a.square().sum((1, 2)) * g.square().sum((1, 2))
+        w = _rowsq(a) * _rowsq(g)
         if mask is not None:
             w = w * mask[:, 0]
     elif _ghost_is_cheaper(T, d, p):
         # Ghost norm: ||A^T G||_F^2 = <A A^T, G G^T>_F.
         aa = _gram(a, mask) if gram is None else gram
-        w = (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        w = _rowdot(aa, torch.bmm(g, g.transpose(1, 2)))
     else:
         if mask is not None:
             if d <= p:
@@ -245,20 +267,23 @@ def _linear_sq(
             else:
                 g = g * mask.unsqueeze(-1)
         step = max(1, _MATERIALISE_BYTES // (d * p * a.element_size()))
-        w = torch.cat([torch.bmm(a[i:i + step].transpose(1, 2), g[i:i + step]).square().sum((1, 2))
+        w = torch.cat([_rowsq(torch.bmm(a[i:i + step].transpose(1, 2), g[i:i + step]))
                        for i in range(0, B, step)])
-    b = _masked_sum(g, mask).square().sum(1).double() if has_bias else None
+    b = _rowsq(_masked_sum(g, mask)).double() if has_bias else None
     return w.double(), b
 
 
 def _embedding_sq(
-    ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, keep: torch.Tensor | None = None
+    ids: torch.Tensor,
+    g: torch.Tensor,
+    num_embeddings: int,
+    keep: torch.Tensor | None = None,
+    grad_gram: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-example squared norm of the sparse embedding gradient.
 
-    The per-example gradient puts ``sum_{t: id_t = v} g_t`` into row ``v``. Sorting each row's
-    ids makes equal ids adjacent, so runs can be summed with one ``index_add`` -- O(B T d)
-    rather than the O(B T^2 d) same-id mask, and equally exact.
+    The per-example gradient puts ``sum_{t: id_t = v} g_t`` into row ``v``, so its squared norm
+    is ``sum_{t,s} [id_t = id_s] (g_t . g_s)`` over kept positions.
 
     Parameters
     ----------
@@ -266,23 +291,32 @@ def _embedding_sq(
     g : (B, T, d) output gradients.
     num_embeddings : table size (ids lie in [0, num_embeddings)).
     keep : (B, T) bool, positions that count (None: all).
+    grad_gram : optional callable returning ``g g^T`` (B, T, T); BERT's word, position and
+        token-type tables receive the very same gradient tensor and can share it.
     """
     dt = _compute_dtype(g)
     B = g.shape[0]
     g = g.reshape(B, -1, g.shape[-1]).to(dt)
     ids = ids.reshape(B, -1).to(torch.int64)
     T, d = g.shape[1], g.shape[2]
-    if keep is not None:
-        # Dropped positions get an id of their own (num_embeddings) and a zero gradient.
-        ids = torch.where(keep, ids, num_embeddings)
-        g = g * keep.unsqueeze(-1).to(dt)
+    if keep is None:
+        keep = torch.ones_like(ids, dtype=torch.bool)
+    # Dropped positions get ids of their own, so they never merge with a kept one.
+    ids = torch.where(keep, ids, num_embeddings + torch.arange(T, device=ids.device))
     sorted_ids, order = torch.sort(ids, dim=1)
-    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
-    new_run[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    if bool(new_run.all()):
+    repeats = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    keep_f = keep.to(dt)
+    if not bool(repeats.any()):
         # No id repeats within a row (e.g. position ids): the rows are disjoint.
-        return g.square().sum((1, 2)).double()
-    # Run index, unique across the batch: rows of the summed gradient.
+        return _rowdot(torch.linalg.vector_norm(g, dim=-1).square(), keep_f).double()
+    if T <= _EMBEDDING_GRAM_MAX_T:
+        gg = torch.bmm(g, g.transpose(1, 2)) if grad_gram is None else grad_gram()
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dt) * _pair_mask(keep_f)
+        return _rowdot(gg, same).double()
+    # Long rows: sum each run of equal ids (adjacent after sorting) with one index_add.
+    g = g * keep_f.unsqueeze(-1)
+    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_run[:, 1:] = ~repeats
     run = torch.cumsum(new_run.reshape(-1), 0) - 1
     g_sorted = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d)).reshape(-1, d)
     summed = torch.zeros(int(run[-1]) + 1, d, dtype=dt, device=g.device)
@@ -290,17 +324,13 @@ def _embedding_sq(
     row_of_run = torch.zeros(summed.shape[0], dtype=torch.int64, device=g.device)
     row_of_run[run] = torch.arange(B, device=g.device).repeat_interleave(T)
     out = torch.zeros(B, dtype=dt, device=g.device)
-    out.index_add_(0, row_of_run, summed.square().sum(1))
+    out.index_add_(0, row_of_run, torch.linalg.vector_norm(summed, dim=1).square())
     return out.double()
 
 
 def _layernorm_xhat(x: torch.Tensor, module: nn.LayerNorm) -> torch.Tensor:
     """Recompute the normalised input of a LayerNorm (what its weight multiplies)."""
-    dt = _compute_dtype(x)
-    k = len(module.normalized_shape)
-    x = x.to(dt).reshape(*x.shape[: x.dim() - k], -1)
-    var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + module.eps)
+    return F.layer_norm(x.to(_compute_dtype(x)), module.normalized_shape, None, None, module.eps)
 
 
 def _layernorm_sq(xhat: torch.Tensor, g: torch.Tensor, has_weight: bool, has_bias: bool,
@@ -308,8 +338,8 @@ def _layernorm_sq(xhat: torch.Tensor, g: torch.Tensor, has_weight: bool, has_bia
     """Per-example squared norms of ``sum_t m_t g_t * xhat_t`` (weight) and ``sum_t m_t g_t``."""
     dt = _compute_dtype(xhat, g)
     g = g.to(dt)
-    w = _masked_sum(g * xhat, mask).square().sum(1).double() if has_weight else None
-    b = _masked_sum(g, mask).square().sum(1).double() if has_bias else None
+    w = _rowsq(_masked_sum(g * xhat, mask)).double() if has_weight else None
+    b = _rowsq(_masked_sum(g, mask)).double() if has_bias else None
     return w, b
 
 
@@ -348,25 +378,19 @@ class _Site:
 
     # -- forward side ---------------------------------------------------------------------
 
-    def pre_hook(self, module, args):
-        # Frozen parameters mean the backward only flows through activations; a covered module
-        # whose input carries no graph (first block kept under last_n_blocks) becomes a root.
-        if self.kind == "embedding" or not torch.is_grad_enabled() or not args:
-            return None
-        x = args[0]
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-            return (self.owner._root(x),) + tuple(args[1:])
-        return None
-
     def forward_hook(self, module, args, output):
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return None
         x = args[0]
         replaced = None
+        if not output.requires_grad:
+            # Parameters are frozen inside the context, so the backward runs through
+            # activations only. A covered module whose input carries no graph (an embedding,
+            # or the first modules of the lowest kept block) gets its output as a graph root:
+            # the backward then stops there instead of computing gradients below it.
+            output = replaced = output.detach().requires_grad_(True)
         if self.kind == "embedding":
             ids = x
-            if not output.requires_grad:
-                output = replaced = output.detach().requires_grad_(True)
             batch = self.owner._batch_size
             if batch is not None and output.shape[0] == 1 and batch > 1:
                 # BERT/DistilBERT look positions up once with shape (1, T) and broadcast; the
@@ -376,8 +400,6 @@ class _Site:
                 ids = ids.expand(batch, *ids.shape[1:])
             slot = {"x": ids.detach(), "pending": 1}
         else:
-            if not output.requires_grad:
-                return None
             slot = self.owner._slot(x)
         idx = len(self.calls)
         self.calls.append({"slot": slot, "g": None})
@@ -387,6 +409,7 @@ class _Site:
     # -- backward side --------------------------------------------------------------------
 
     def _grad_hook(self, idx: int, grad: torch.Tensor):
+        self.owner._grads_seen += 1
         self.calls[idx]["g"] = grad.detach()
         # Every forward call precedes the backward, so once each call has its gradient the
         # activations can be reduced and freed while the backward is still running.
@@ -427,7 +450,12 @@ class _Site:
                     pad_ok = i != mod.padding_idx
                     keep = pad_ok if keep is None else keep & pad_ok
                 keeps.append(keep if keep is not None else torch.ones_like(i, dtype=torch.bool))
-            w = _embedding_sq(torch.cat(ids, 1), torch.cat(gs, 1), mod.num_embeddings, torch.cat(keeps, 1))
+            if len(calls) == 1:
+                g0 = gs[0]
+                w = _embedding_sq(ids[0], g0, mod.num_embeddings, keeps[0],
+                                  grad_gram=lambda: self.owner._grad_gram(calls[0]["g"], g0))
+            else:
+                w = _embedding_sq(torch.cat(ids, 1), torch.cat(gs, 1), mod.num_embeddings, torch.cat(keeps, 1))
             self.sq["weight"] = w
             return
 
@@ -643,17 +671,10 @@ class GhostNorms:
     def _reset_forward(self) -> None:
         for site in self.sites:
             site.reset()
-        self._roots = {}
         self._slots = {}
         self._mask_cache = {}
-
-    def _root(self, x: torch.Tensor) -> torch.Tensor:
-        """One graph root per input tensor, so modules reading the same input share it."""
-        hit = self._roots.get(id(x))
-        if hit is None or hit[0] is not x:
-            hit = (x, x.detach().requires_grad_(True))
-            self._roots[id(x)] = hit
-        return hit[1]
+        self._grad_grams = {}
+        self._grads_seen = 0
 
     def _slot(self, x: torch.Tensor) -> dict[str, Any]:
         """Shared record of one input tensor (holding x keeps its id from being reused)."""
@@ -664,10 +685,20 @@ class GhostNorms:
         slot["pending"] += 1
         return slot
 
+    def _grad_gram(self, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g g^T`` of an output gradient, computed once per gradient tensor object."""
+        hit = self._grad_grams.get(id(grad))
+        if hit is None or hit[0] is not grad:
+            g = g.to(_compute_dtype(g))
+            hit = (grad, torch.bmm(g, g.transpose(1, 2)))
+            self._grad_grams[id(grad)] = hit
+        return hit[1]
+
     def _release(self, slot: dict[str, Any]) -> None:
         slot["pending"] -= 1
         if slot["pending"] <= 0:
-            slot["gram"] = None
+            # Last reader done: drop the activation and its Gram while the backward goes on.
+            slot["gram"] = slot["x"] = slot["ref"] = None
 
     def _keep(self, shape) -> torch.Tensor | None:
         """(B, T) bool positions that count, when ``shape`` is the padded token grid."""
@@ -697,7 +728,6 @@ class GhostNorms:
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         self._reset_forward()
         for site in self.sites:
-            self._handles.append(site.module.register_forward_pre_hook(site.pre_hook))
             self._handles.append(site.module.register_forward_hook(site.forward_hook))
         return self
 
@@ -713,7 +743,6 @@ class GhostNorms:
             p.requires_grad_(flag)
         self._saved_requires_grad = []
         self._active = False
-        self._roots = {}
         self._slots = {}
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
@@ -748,11 +777,18 @@ class GhostNorms:
         """Qualified parameter name -> per-example squared gradient norm (B,) float64."""
         if self._forwards == 0:
             raise RuntimeError("no forward pass was recorded inside the GhostNorms context")
+        if self._grads_seen == 0 and any(site.calls for site in self.sites):
+            raise RuntimeError(
+                "no gradient reached the hooked modules: call backward() on the summed loss "
+                "inside the GhostNorms context (with grad enabled) before norms()"
+            )
         out: dict[str, torch.Tensor] = {}
         batch = self._batch_size
         for site in self.sites:
             with torch.no_grad():
                 site.finalize()
+        self._slots, self._grad_grams = {}, {}
+        for site in self.sites:
             for local, qual in site.param_names().items():
                 sq = site.sq.get(local)
                 if sq is None:

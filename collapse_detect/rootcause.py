@@ -217,5 +217,9 @@ def infer_root_cause(stats: dict, collapsed: bool) -> dict | None:
         return {"cause": "uncertain", "label": "no single cause stands out: the evidence is weak",
                 "confidence": "low", "score": best["score"], "evidence_for": [], "evidence_against": [],
                 "candidates": scored}
+    from .fixes import fix_for_cause
+
     confidence = "high" if best["score"] >= 0.8 and margin >= 0.2 else "medium" if margin >= 0.1 else "low"
-    return {**best, "confidence": confidence, "runner_up": second["cause"], "candidates": scored}
+    fix = fix_for_cause(best["cause"], stats)
+    return {**best, "confidence": confidence, "runner_up": second["cause"],
+            "fix": fix.to_dict() if fix else None, "candidates": scored}

@@ -75,15 +75,27 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
         lines.append(f"| {_md_escape(c['class'])} | {c['support']} | {c['prior']:.3f} | "
                      f"{c['prediction_share']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | "
                      f"{c['f1']:.3f} | {auc} |")
-    fixes_seen = []
-    for f in diagnosis.findings:
-        if f.fix and f.fix.title not in fixes_seen:
-            fixes_seen.append(f.fix.title)
-            lines += ["", f"## Fix: {_md_escape(f.fix.title)}", ""]
-            lines += [f"- {_md_escape(step)}" for step in f.fix.steps]
-            if f.fix.code:
-                lines += ["", "```python", f.fix.code.rstrip(), "```"]
+    for fix in ordered_fixes(diagnosis):
+        lines += ["", f"## Fix: {_md_escape(fix.title)}", ""]
+        lines += [f"- {_md_escape(step)}" for step in fix.steps]
+        if fix.code:
+            lines += ["", "```python", fix.code.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def ordered_fixes(diagnosis: Diagnosis) -> list:
+    """Distinct fixes of the findings, the one for the likely root cause first."""
+    from ..fixes import Fix
+
+    fixes = []
+    rc_fix = (diagnosis.root_cause or {}).get("fix")
+    if rc_fix:
+        own = next((f.fix for f in diagnosis.findings if f.fix and f.fix.title == rc_fix["title"]), None)
+        fixes.append(own or Fix(**rc_fix))
+    for f in diagnosis.findings:
+        if f.fix and all(f.fix.title != x.title for x in fixes):
+            fixes.append(f.fix)
+    return fixes
 
 
 def _data_uri(png: bytes) -> str:
@@ -92,10 +104,7 @@ def _data_uri(png: bytes) -> str:
 
 def render_html(diagnosis: Diagnosis, plots: dict[str, bytes], fail_on: str = "fail") -> str:
     d = diagnosis.to_dict(fail_on)
-    fixes = []
-    for f in diagnosis.findings:
-        if f.fix and all(f.fix.title != x.title for x in fixes):
-            fixes.append(f.fix)
+    fixes = ordered_fixes(diagnosis)
     template = _env.get_template("report.html.j2")
     return template.render(
         d=d, s=diagnosis.stats, meta=diagnosis.metadata, findings=diagnosis.findings, fixes=fixes,
