@@ -519,13 +519,23 @@ class GhostNorms:
     inputs of the covered ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` modules, and
     tensor hooks record the gradients of their outputs. For a Linear with inputs ``a`` (B, T, d)
     and output gradients ``g`` (B, T, p) the per-example weight gradient is ``sum_t g_t a_t^T``;
-    its squared norm is ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (ghost norm, used when
-    ``2 T^2 < d p``, Li et al. 2022) or the norm of the materialised (d, p) product otherwise --
-    both exact. Embeddings scatter gradients into the rows of the looked-up ids; LayerNorm
-    weights get ``sum_t g_t * xhat_t``.
+    its squared norm is ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (ghost norm) or the norm of the
+    materialised (d, p) product -- both exact; the ghost route is taken when it needs fewer
+    operations, ``T (d + p) < d p`` (Li et al. 2022 use the memory rule ``2 T^2 < d p``; here
+    the materialising route is chunked over examples so memory stays bounded), and Linears
+    reading the same input (query, key, value) share one input Gram. Embeddings scatter
+    gradients into the rows of the looked-up ids, so their squared norm is
+    ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; LayerNorm weights get ``sum_t g_t * xhat_t``.
 
     The loss must be the *sum* of per-example losses (``reduction="sum"``); a mean scales every
-    norm by 1/B. Positions with ``attention_mask == 0`` contribute nothing.
+    norm by 1/B. Positions with ``attention_mask == 0`` (taken from the ``attention_mask``
+    keyword of the model's forward, or :meth:`set_attention_mask`) contribute nothing, nor do
+    positions holding an embedding's ``padding_idx``. :meth:`norms` describes the last forward
+    and backward run inside the context, and can be called after it closes.
+
+    A covered module whose output does not require grad (embeddings; the first modules of the
+    lowest kept block) has its output replaced by a detached leaf that does: the backward then
+    stops there. A model that modifies such an output in place would make autograd raise.
 
     Parameters
     ----------
@@ -645,6 +655,7 @@ class GhostNorms:
         self._handles: list[Any] = []
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._mask: torch.Tensor | None = None
+        self._manual_mask: torch.Tensor | None = None
         self._batch_size: int | None = None
         self._forwards = 0
         self._active = False
@@ -746,17 +757,17 @@ class GhostNorms:
         self._slots = {}
 
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
-        """Set the padding mask by hand (needed only when the model is not called with it as a
-        keyword argument of its top-level forward)."""
-        self._mask = None if attention_mask is None else attention_mask.detach()
-        if attention_mask is not None:
-            self._batch_size = attention_mask.shape[0]
+        """Set the (B, T) padding mask by hand, for models called without an
+        ``attention_mask`` keyword; a keyword mask given to the forward takes precedence."""
+        self._manual_mask = None if attention_mask is None else attention_mask.detach()
 
     def _model_pre_hook(self, module, args, kwargs):
         # A new top-level forward starts a new batch.
         self._reset_forward()
         self._forwards += 1
         mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = self._manual_mask
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         batch = None
         for key in ("input_ids", "inputs_embeds"):
@@ -885,7 +896,8 @@ def per_example_grad_norms(
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), GhostNorms(
+        # inference_mode(False): callers may sit inside an inference_mode block.
+        with torch.inference_mode(False), torch.enable_grad(), GhostNorms(
             model,
             last_n_blocks=last_n_blocks,
             include_embeddings=include_embeddings,

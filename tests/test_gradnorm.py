@@ -19,10 +19,16 @@ try:
 except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from collapse_detect import gradnorm  # noqa: E402
 from collapse_detect.gradnorm import (  # noqa: E402
     GhostNorms,
     _embedding_sq,
+    _ghost_is_cheaper,
+    _gram,
+    _layernorm_sq,
+    _layernorm_xhat,
     _linear_sq,
+    _rowdot,
     find_blocks,
     find_head,
     head_grad_norms,
@@ -39,6 +45,15 @@ from transformers import (  # noqa: E402
 
 RTOL = 1e-4
 VOCAB = 99
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread start-up and barriers cost more than they save on shared CPUs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_bert(dtype=torch.float32, seed=0):
@@ -75,6 +90,9 @@ def make_batch(lengths, *, pad_id=0, pair=False, seed=0, pad_fill=None):
             ids[i, n:] = pad_id
     # Repeated ids inside a row exercise the per-row sum of the embedding gradient.
     ids[0, 1:4] = 7
+    # A pad id on a real position: its (padding_idx) table row gets no gradient.
+    if len(lengths) > 1 and lengths[1] > 2:
+        ids[1, 1] = pad_id
     batch = {"input_ids": ids, "attention_mask": mask}
     if pair:
         tt = torch.zeros(B, T, dtype=torch.long)
@@ -249,6 +267,20 @@ def test_junk_ids_under_padding_change_nothing():
         np.testing.assert_allclose(dirty[k], clean[k], rtol=RTOL, err_msg=k)
 
 
+def test_positional_call_with_manual_mask():
+    model = tiny_bert(seed=13)
+    batch, labels = make_batch([11, 4, 8], seed=13)
+    want, _ = per_example_grad_norms(model, batch, labels)
+    with torch.enable_grad(), GhostNorms(model) as gn:
+        gn.set_attention_mask(batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+        F.cross_entropy(logits, labels, reduction="sum").backward()
+    assert gn._mask is not None and gn._batch_size == 3
+    got = gn.norms()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+
+
 def test_bert_last_block_only():
     model = tiny_bert()
     batch, labels = make_batch([13, 6, 9, 2], seed=4)
@@ -267,6 +299,24 @@ def test_bert_last_block_only():
     assert "below the last 1 block" in gn.left_out["bert.encoder.layer.0.attention.self.query.weight"]
     assert "embeddings" in gn.left_out["bert.embeddings.word_embeddings.weight"]
     assert set(gn.covered) | set(gn.left_out) == {n for n, _ in model.named_parameters()}
+
+
+def test_head_and_pooler_only():
+    model = tiny_bert(seed=12)
+    batch, labels = make_batch([9, 5, 2], seed=12)
+    gn, norms, _ = check_against_autograd(model, batch, labels, last_n_blocks=0)
+    assert set(norms) == {"pooler", "head", "total"}
+
+
+def test_norms_need_a_backward():
+    model = tiny_bert()
+    batch, _ = make_batch([5, 3])
+    with torch.enable_grad(), GhostNorms(model) as gn:
+        model(**batch)
+    with pytest.raises(RuntimeError, match="no gradient reached"):
+        gn.norms()
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        GhostNorms(model).norms()
 
 
 def test_bert_without_embeddings_and_head():
@@ -392,25 +442,106 @@ def test_logits_and_head_agree_with_closed_form():
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 3), T=st.integers(1, 12), d=st.integers(1, 6), p=st.integers(1, 6),
-       seed=st.integers(0, 2**16))
-def test_linear_kernel_matches_brute_force(B, T, d, p, seed):
+       seed=st.integers(0, 2**16), masked=st.booleans())
+def test_linear_kernel_matches_brute_force(B, T, d, p, seed, masked):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     go = torch.randn(B, T, p, generator=g, dtype=torch.float64)
-    w, b = _linear_sq(a, go, True)
-    want_w = torch.einsum("btd,btp->bdp", a, go).square().sum((1, 2))
+    mask = (torch.rand(B, T, generator=g) < 0.7).double() if masked else None
+    gm = go if mask is None else go * mask.unsqueeze(-1)
+    want_w = torch.einsum("btd,btp->bdp", a, gm).square().sum((1, 2))
+    want_b = gm.sum(1).square().sum(1)
+    # The shapes drawn here take either route.
+    w, b = _linear_sq(a, go, True, mask)
     torch.testing.assert_close(w, want_w)
-    torch.testing.assert_close(b, go.sum(1).square().sum(1))
+    torch.testing.assert_close(b, want_b)
+    if T > 1:
+        # A supplied Gram forces the ghost route (when it is the cheaper one anyway, a no-op).
+        ghost = _rowdot(_gram(a, mask), torch.bmm(go, go.transpose(1, 2)))
+        torch.testing.assert_close(ghost, want_w)
 
 
-@settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 12), V=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_embedding_kernel_matches_brute_force(B, T, V, seed):
+def test_linear_kernel_both_routes_agree():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 40, 3, generator=g, dtype=torch.float64)
+    go = torch.randn(2, 40, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 40, dtype=torch.float64)
+    mask[1, 25:] = 0
+    assert not _ghost_is_cheaper(40, 3, 5)
+    materialised, _ = _linear_sq(a, go, False, mask)
+    ghost = _rowdot(_gram(a, mask), torch.bmm(go, go.transpose(1, 2)))
+    torch.testing.assert_close(ghost, materialised)
+    want = torch.einsum("btd,btp->bdp", a, go * mask.unsqueeze(-1)).square().sum((1, 2))
+    torch.testing.assert_close(materialised, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 12), V=st.integers(1, 30), seed=st.integers(0, 2**16),
+       masked=st.booleans())
+def test_embedding_kernel_matches_brute_force(B, T, V, seed, masked):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, T), generator=g)
     go = torch.randn(B, T, 3, generator=g, dtype=torch.float64)
+    keep = torch.rand(B, T, generator=g) < 0.7 if masked else None
+    gm = go if keep is None else go * keep.unsqueeze(-1)
     dense = torch.zeros(B, V, 3, dtype=torch.float64)
-    dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, 3), go)
-    torch.testing.assert_close(_embedding_sq(ids, go, V), dense.square().sum((1, 2)))
+    dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, 3), gm)
+    want = dense.square().sum((1, 2))
+    torch.testing.assert_close(_embedding_sq(ids, go, V, keep), want)
+
+
+def test_embedding_kernel_long_rows_route(monkeypatch):
+    # Rows longer than the Gram limit go through sort + index_add; both must agree.
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 7, (3, 50), generator=g)
+    go = torch.randn(3, 50, 4, generator=g, dtype=torch.float64)
+    keep = torch.rand(3, 50, generator=g) < 0.8
+    via_gram = _embedding_sq(ids, go, 7, keep)
+    monkeypatch.setattr(gradnorm, "_EMBEDDING_GRAM_MAX_T", 10)
+    torch.testing.assert_close(_embedding_sq(ids, go, 7, keep), via_gram)
+    dense = torch.zeros(3, 7, 4, dtype=torch.float64)
+    dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, 4), go * keep.unsqueeze(-1))
+    torch.testing.assert_close(via_gram, dense.square().sum((1, 2)))
+
+
+def test_embedding_kernel_distinct_ids_respect_keep():
+    # Position ids never repeat within a row: the cheap disjoint-rows route must still drop
+    # the positions that are not kept.
+    g = torch.Generator().manual_seed(2)
+    ids = torch.arange(6).expand(2, 6)
+    go = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    want = (go.square().sum(-1) * keep).sum(1)
+    torch.testing.assert_close(_embedding_sq(ids, go, 6, keep), want)
+    assert want[0] < go[0].square().sum()
+
+
+def test_layernorm_kernel_matches_autograd_with_mask():
+    torch.manual_seed(3)
+    ln = nn.LayerNorm(5, eps=1e-5).double()
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    go = torch.randn(3, 7, 5, dtype=torch.float64)
+    mask = torch.ones(3, 7, dtype=torch.float64)
+    mask[0, 4:] = 0
+    mask[2, 1] = 0
+    want_w, want_b = [], []
+    for i in range(3):
+        ln.zero_grad()
+        (ln(x[i]) * go[i] * mask[i].unsqueeze(-1)).sum().backward()
+        want_w.append(ln.weight.grad.square().sum())
+        want_b.append(ln.bias.grad.square().sum())
+    w, b = _layernorm_sq(_layernorm_xhat(x, ln), go, True, True, mask)
+    torch.testing.assert_close(w, torch.stack(want_w))
+    torch.testing.assert_close(b, torch.stack(want_b))
+
+
+def test_callable_inside_inference_mode():
+    model = tiny_bert(seed=14)
+    batch, labels = make_batch([7, 3], seed=14)
+    want, _ = per_example_grad_norms(model, batch, labels)
+    with torch.inference_mode():
+        got, _ = per_example_grad_norms(model, batch, labels)
+    np.testing.assert_allclose(got["total"], want["total"], rtol=1e-6)
+    assert np.all(want["total"] > 0)
