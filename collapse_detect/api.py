@@ -181,6 +181,9 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     sample = acc.sample.arrays
     evidence: dict = {"label_permutation": analysis.label_permutation(stats["confusion"]),
                       "training_record": analysis.training_record(loaded.resolved.trainer_state)}
+    args_file = loaded.resolved.path / "training_args.bin"
+    if args_file.is_file():
+        evidence["training_args"] = _training_args(args_file, options.allow_pickle)
     if "features" in sample:
         evidence["linear_probe"] = analysis.linear_probe(sample["features"], sample["gold"], seed=options.seed)
         evidence["geometry"] = analysis.representation_geometry(sample["features"])
@@ -189,6 +192,29 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     evidence["head"] = model_evidence.head_state(loaded.model, loaded.missing_keys, stats["label_prior"])
     evidence["tokenizer_fit"] = model_evidence.tokenizer_fit(loaded.model, loaded.tokenizer)
     return evidence
+
+
+TRAINING_ARG_FIELDS = ("learning_rate", "weight_decay", "warmup_steps", "warmup_ratio", "num_train_epochs",
+                       "max_steps", "per_device_train_batch_size", "eval_strategy", "evaluation_strategy",
+                       "save_strategy", "load_best_model_at_end", "metric_for_best_model", "max_grad_norm",
+                       "lr_scheduler_type", "seed")
+
+
+def _training_args(path: Path, allow_pickle: bool) -> dict:
+    """The training arguments Trainer saved. The file is a pickle, which can run code when loaded: it is
+    read only with --allow-pickle."""
+    if not allow_pickle:
+        return {"read": False, "file": str(path),
+                "note": "training_args.bin is a pickle and was not read; pass --allow-pickle to read it"}
+    import torch
+
+    try:
+        args = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a foreign or damaged pickle is evidence we lack, not a reason to stop
+        return {"read": False, "file": str(path), "note": f"could not read training_args.bin: {exc}"}
+    values = {name: getattr(args, name) for name in TRAINING_ARG_FIELDS if hasattr(args, name)}
+    return {"read": True, "file": str(path),
+            **{k: (v if isinstance(v, (int, float, bool, str)) or v is None else str(v)) for k, v in values.items()}}
 
 
 def _posthoc(acc, options: RunOptions, train_counts) -> dict | None:

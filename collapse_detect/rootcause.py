@@ -44,7 +44,11 @@ def score_causes(stats: dict) -> dict[str, dict]:
     aniso, eff_rank = geometry.get("anisotropy"), geometry.get("effective_rank")
     null = ev.get("null_input") or {}
     head = ev.get("head") or {}
-    record = ev.get("training_record") or {}
+    record = dict(ev.get("training_record") or {})
+    saved_args = ev.get("training_args") or {}
+    if saved_args.get("read") and isinstance(saved_args.get("learning_rate"), (int, float)):
+        # the configured rate counts when log_history did not record one
+        record.setdefault("max_learning_rate", float(saved_args["learning_rate"]))
     perm = ev.get("label_permutation") or {}
     unk = _get(stats, "tokenization", "unknown_token_rate", default=0.0)
     vocab = ev.get("tokenizer_fit") or {}

@@ -1,0 +1,98 @@
+"""Gradient-norm statistics by class: the probe's numbers, the checks on them, and training_args.bin."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from collapse_detect.api import RunOptions, diagnose_files
+from collapse_detect.checks import REGISTRY, Severity
+from collapse_detect.stats import Accumulator, compute_stats
+
+
+def _grad_stats(norms_by_class: dict[int, list[float]], k: int = 3):
+    gold = np.concatenate([[c] * len(v) for c, v in norms_by_class.items()])
+    norms = np.concatenate([v for v in norms_by_class.values()])
+    acc = Accumulator([f"c{i}" for i in range(k)])
+    logits = np.zeros((len(gold), k))
+    logits[np.arange(len(gold)), gold] = 3.0
+    acc.update(np.arange(len(gold)), gold, logits, grad_norms={"head": norms})
+    stats = compute_stats(acc)
+    stats["model"] = {}
+    return stats
+
+
+def test_gradient_statistics_by_class_are_exact():
+    stats = _grad_stats({0: [1.0, 1.0, 2.0, 4.0], 1: [10.0, 30.0], 2: [6.0, 6.0]})
+    g = stats["gradients"]["head"]
+    per = {c["class"]: c for c in g["per_class"]}
+    total = 8.0 + 40.0 + 12.0
+    assert per["c0"]["mean"] == pytest.approx(2.0) and per["c0"]["median"] == pytest.approx(1.5)
+    assert per["c0"]["p90"] == pytest.approx(np.quantile([1, 1, 2, 4], 0.9))
+    assert per["c1"]["mass_share"] == pytest.approx(40 / total)
+    assert per["c1"]["example_share"] == pytest.approx(2 / 8)
+    assert per["c1"]["ratio_to_majority"] == pytest.approx(20.0 / 2.0)
+
+
+def test_gradient_checks_fire_on_a_dominating_minority_and_not_on_balance():
+    skewed = _grad_stats({0: [0.1] * 80, 1: [5.0] * 10, 2: [0.2] * 10})
+    [dom] = REGISTRY["gradient_dominated"].func(skewed)
+    assert dom.classes == ["c1"] and dom.severity is Severity.WARN
+    assert dom.evidence["mass_share"] == pytest.approx(50 / (8 + 50 + 2))
+    [ratio] = REGISTRY["minority_gradient_ratio"].func(skewed)
+    assert ratio.classes == ["c1"] and "c1 50.0x" in ratio.summary
+    even = _grad_stats({0: [1.0] * 80, 1: [1.2] * 10, 2: [0.9] * 10})
+    assert REGISTRY["gradient_dominated"].func(even) == []
+    assert REGISTRY["minority_gradient_ratio"].func(even) == []
+
+
+def test_vanishing_gradients_compares_encoder_with_head():
+    stats = _grad_stats({0: [1.0] * 10, 1: [1.0] * 10, 2: [1.0] * 10})
+    stats["gradients"]["ghost:encoder"] = {"n": 30, "mean": 1e-5, "per_class": []}
+    [f] = REGISTRY["vanishing_gradients"].func(stats)
+    assert "the encoder's mean gradient norm 1.00e-05 is 1.0e-05 of the head's" in f.summary
+    stats["gradients"]["ghost:encoder"]["mean"] = 0.5
+    assert REGISTRY["vanishing_gradients"].func(stats) == []
+
+
+def test_probe_reports_head_norms_on_every_row_and_ghost_norms_on_the_stratified_sample(tiny_trained):
+    d = diagnose_files(tiny_trained["dir"], tiny_trained["eval"], RunOptions(grad_sample=4, grad_layers=1))
+    grads = d.stats["gradients"]
+    assert grads["head"]["n"] == 200  # every row
+    assert [c["n"] for c in grads["ghost:total"]["per_class"]] == [4, 4, 4]  # 4 rows per class
+    assert {"ghost:layer.1", "ghost:pooler", "ghost:encoder", "ghost:total"} <= set(grads)
+    assert "ghost:layer.0" not in grads and "ghost:embeddings" not in grads  # only the last block
+    # the closed-form head norm of one row, recomputed by hand: ||p - onehot(y)|| * sqrt(||h||^2 + 1)
+    model, tok = tiny_trained["model"], tiny_trained["tokenizer"]
+    text, label = tiny_trained["eval_df"].iloc[0]
+    captured = {}
+    hook = model.classifier.register_forward_hook(lambda m, i, o: captured.update(h=i[0].detach()))
+    with torch.no_grad():
+        p = torch.softmax(model(**tok([text], return_tensors="pt")).logits, -1)[0]
+    hook.remove()
+    y = ["sports", "politics", "business"].index(label)
+    err = p.clone()
+    err[y] -= 1
+    expected = float(err.norm() * torch.sqrt(captured["h"].norm() ** 2 + 1))
+    values = d.stats["_grad_samples"]["head"][y]
+    assert min(abs(v - expected) for v in values) < 1e-5 * max(expected, 1e-6)
+
+
+def test_training_args_bin_is_read_only_with_allow_pickle(tiny_trained, tmp_path):
+    import shutil
+
+    from transformers import TrainingArguments
+
+    ckpt = tmp_path / "with_args"
+    shutil.copytree(tiny_trained["dir"], ckpt)
+    torch.save(TrainingArguments(output_dir=str(tmp_path / "o"), learning_rate=3e-4, report_to="none"),
+               ckpt / "training_args.bin")
+    closed = diagnose_files(ckpt, tiny_trained["eval"], RunOptions())
+    assert closed.stats["evidence"]["training_args"]["read"] is False
+    assert "pass --allow-pickle" in closed.stats["evidence"]["training_args"]["note"]
+    opened = diagnose_files(ckpt, tiny_trained["eval"], RunOptions(allow_pickle=True))
+    assert opened.stats["evidence"]["training_args"]["read"] is True
+    assert opened.stats["evidence"]["training_args"]["learning_rate"] == pytest.approx(3e-4)
