@@ -180,19 +180,22 @@ def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: st
     return [v if isinstance(v, str) else str(v) for v in series.tolist()]
 
 
+def first_frame(path, chunk_rows: int, what: str = "data file") -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
+    """The first chunk of a file (it decides the columns) and an iterator over the rest."""
+    frames = iter_frames(path, chunk_rows)
+    first = next(frames, None)
+    if first is None or len(first) == 0:
+        raise InputError(f"{what} {str(path)!r} has no rows")
+    return first, frames
+
+
 def iter_chunks(path, class_names: list[str], *, text_col=None, text_pair_col=None, label_col=None,
                 chunk_rows: int = 8192, row_filter=None) -> tuple[Columns, Iterator[Chunk]]:
     """Detect the columns from the first chunk and return them with an iterator over all chunks.
 
     ``row_filter(row_ids) -> bool mask`` keeps a subset (used to shard rows across processes).
     """
-    frames = iter_frames(path, chunk_rows)
-    try:
-        first = next(frames)
-    except StopIteration:
-        raise InputError(f"data file {str(path)!r} has no rows") from None
-    if len(first) == 0:
-        raise InputError(f"data file {str(path)!r} has no rows")
+    first, frames = first_frame(path, chunk_rows)
     columns = detect_columns(first, path, text_col=text_col, text_pair_col=text_pair_col, label_col=label_col)
     mapper = LabelMapper(class_names, path, columns.label)
 

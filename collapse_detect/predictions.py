@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LabelMapper, iter_frames
+from .data import LabelMapper, first_frame, iter_frames
 from .errors import InputError
 from .stats import Accumulator, compute_stats
 
@@ -137,13 +137,7 @@ def _probabilities(frame: pd.DataFrame, columns: PredictionColumns, path, row_id
 def read_predictions(path, *, label_col=None, pred_col=None, label_names=None, seed: int = 0,
                      chunk_rows: int = 8192) -> tuple[Accumulator, PredictionColumns, int]:
     """Stream the file into an accumulator; returns it, the columns used and the row count."""
-    frames = iter_frames(path, chunk_rows)
-    try:
-        first = next(frames)
-    except StopIteration:
-        raise InputError(f"predictions file {str(path)!r} has no rows") from None
-    if len(first) == 0:
-        raise InputError(f"predictions file {str(path)!r} has no rows")
+    first, frames = first_frame(path, chunk_rows, "predictions file")
     columns = detect_prediction_columns(path, first, label_col=label_col, pred_col=pred_col, label_names=label_names)
     acc = Accumulator(columns.class_names, seed=seed)
     gold_map = LabelMapper(columns.class_names, path, columns.gold)
