@@ -149,6 +149,12 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
         raise CheckpointError(f"cannot load a sequence-classification model from {str(path)!r}: "
                               f"{_first_line(exc)}") from exc
     model.eval()
+    from .gradnorm import find_head
+
+    try:
+        find_head(model)  # every later step reads the head's input; fail here, with the folder's name
+    except ValueError as exc:
+        raise CheckpointError(f"{str(path)!r}: cannot find the classification head: {_first_line(exc)}") from exc
     num_labels = int(model.config.num_labels)
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
