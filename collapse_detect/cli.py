@@ -188,9 +188,14 @@ def _run(args) -> int:
         threads=args.threads, dtype=args.dtype,
     )
     # under torchrun: ranks > 0 probe their shard and hand it to rank 0, which alone checks and writes outputs
-    dist = distributed.from_env() if args.predictions is None else None
+    dist = distributed.from_env()
+    if dist is not None and args.predictions is not None:  # nothing to spread: rank 0 judges the file alone
+        if dist.rank != 0:
+            return EXIT_OK
+        dist = None
     if dist is not None and dist.rank != 0:
         return distributed.follow(dist, model_dir, args.data, options, keep_predictions="csv" in args.format)
+    distributed.expect_followers(dist)  # so that an error below still stops them (see notify_failure)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {str(out_dir)!r} is a file; pass a folder")
     if args.write_fixed and Path(args.write_fixed).exists() and (

@@ -114,15 +114,20 @@ class Group:
 
 
 _GROUP_MADE = False
+_FOLLOWERS: DistEnv | None = None
+
+
+def expect_followers(env: DistEnv | None) -> None:
+    """Rank 0 of a model run: the other ranks are probing and will wait for it."""
+    global _FOLLOWERS
+    _FOLLOWERS = env
 
 
 def notify_failure(message: str) -> None:
     """Rank 0 failed before it joined the others (e.g. ``--out`` is a file): tell them, so they exit 2 at
-    their first collective instead of waiting. Does nothing outside torchrun or once the group was used."""
-    try:
-        env = from_env()
-    except CollapseDetectError:
-        return
+    their first collective instead of waiting. Does nothing unless ``expect_followers`` named them and no
+    process group was made yet."""
+    env = _FOLLOWERS
     if env is None or env.rank != 0 or _GROUP_MADE:
         return
     try:

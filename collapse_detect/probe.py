@@ -169,6 +169,8 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                 for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
                     batch = _pad(enc, batch_idx, pad_id)
                     run.padded_tokens += int(batch["input_ids"].numel())
+                    if bool(batch["attention_mask"].all()):  # no padding (common once sorted): sdpa runs unmasked
+                        del batch["attention_mask"]
                     with torch.inference_mode():
                         out = model(**batch).logits.float()
                     logits[batch_idx] = out.numpy()

@@ -1,11 +1,12 @@
 """How the probe uses the CPU: OpenMP wait policy, thread count and compute dtype.
 
-Measured on a 2-core runner with a MiniLM-L6-sized classifier (see benchmarks/bench_probe.py): with the other
-core busy, 2 OpenMP threads under the default (spinning) wait policy ran at ~0.4-0.6x of 1 thread, because each
-parallel region waits for the thread that shares its core with the neighbour while the other thread spins.
-With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep instead, and 2 threads run at least as fast as 1 on a busy
-machine and close to 2x on an idle one. libgomp reads the variable once, when torch is imported, so
-``prepare_process_env`` must run before the first ``import torch`` (``cli.main`` calls it first thing).
+Measured on a 2-core runner, MiniLM-L6-sized classifier, 400 rows (benchmarks/bench_probe.py): with a busy-loop
+process on the other core, 2 OpenMP threads under the default (spinning) wait policy ran at 0.43x of 1 thread
+(a single-row forward 170 ms instead of 22 ms), because every parallel region waits for the thread that shares its
+core with the neighbour while the other spins. With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep instead: 2
+threads ran at 0.93x of 1 thread with the busy neighbour and 1.8x of it on the idle machine. libgomp reads the
+variable once, when torch is imported, so ``prepare_process_env`` must run before the first ``import torch``
+(``cli.main`` calls it first thing).
 """
 
 from __future__ import annotations
@@ -72,11 +73,16 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     starts several processes per node), else the available physical cores shared among this node's processes."""
     if requested:
         return int(requested), "--threads"
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     local = int(local) if local.isdigit() and int(local) > 0 else 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        why = "OMP_NUM_THREADS"
+        cores = available_cores() if local > 1 else 0
+        if int(env) * local < cores:  # torchrun sets 1 per process unless told otherwise
+            why += (f" (with {local} processes on this node {int(env) * local} of {cores} cores are used; "
+                    f"--threads {cores // local} would use them all)")
+        return int(env), why
     cores = available_cores()
     why = f"{cores} physical core(s) available" + (f" / {local} processes on this node" if local > 1 else "")
     return max(1, cores // local), why
@@ -132,3 +138,4 @@ def cast_model(model, dtype):
             p.data = params[name]
         for module, name, buf in buffers:
             module._buffers[name] = buf
+

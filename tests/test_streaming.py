@@ -1,0 +1,224 @@
+"""Streaming and the probe's runtime: chunking does not change the numbers, memory does not grow with rows,
+token budgets cap every batch (gradient norms included), bf16 reports its drift and leaves fp32 weights intact,
+and the thread choice follows --threads > OMP_NUM_THREADS > available cores per process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LABELS = ["sports", "politics", "business"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Random-init tiny BERT (hidden 32, 2 layers, intermediate 37) and 300 generated headlines."""
+    import build_samples as B
+    import torch
+
+    df = B.make_headlines({"sports": 180, "politics": 60, "business": 60}, seed=21)
+    tok = B.train_tokenizer(df["text"], vocab_size=400)
+    model = B.make_tiny_bert(tok, LABELS, seed=9, intermediate_size=37)
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)  # spread the random head's outputs a little
+    root = tmp_path_factory.mktemp("stream")
+    df.to_csv(root / "eval.csv", index=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"model": model, "tok": tok, "data": root / "eval.csv", "root": root, "df": df}
+    torch.set_num_threads(threads)
+
+
+def _probe(tiny, chunk_rows=8192, rows=None, writer=None, **options):
+    from collapse_detect.data import iter_chunks
+    from collapse_detect.probe import ProbeOptions, run_probe
+
+    data = tiny["data"]
+    if rows is not None:
+        data = tiny["root"] / f"eval_{rows}.csv"
+        if not data.exists():
+            reps = -(-rows // len(tiny["df"]))
+            tiny["df"].loc[np.tile(np.arange(len(tiny["df"])), reps)[:rows]].to_csv(data, index=False)
+    _, chunks = iter_chunks(data, LABELS, chunk_rows=chunk_rows)
+    seen = []
+
+    def on_chunk(chunk, probs):
+        if writer is not None:  # streamed to predictions.csv, as the CLI does
+            writer.write_predictions(chunk.row_ids, chunk.gold, probs, LABELS)
+        else:
+            seen.append((chunk.row_ids, probs))
+
+    run = run_probe(tiny["model"], tiny["tok"], chunks, LABELS, ProbeOptions(**options), on_chunk=on_chunk)
+    return run, seen
+
+
+def test_chunk_size_does_not_change_the_statistics(tiny):
+    from collapse_detect.stats import compute_stats
+
+    one, seen_one = _probe(tiny, chunk_rows=10_000, batch_size=1)
+    many, seen_many = _probe(tiny, chunk_rows=7, batch_size=1)
+    assert len(seen_one) == 1 and len(seen_many) == 43  # 300 rows in chunks of 7
+    ids = np.concatenate([s[0] for s in seen_many])
+    assert ids.tolist() == list(range(300))  # on_chunk sees every row once, in file order
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in seen_many]), seen_one[0][1])
+    a, b = compute_stats(one.accumulator), compute_stats(many.accumulator)
+    assert a["confusion"] == b["confusion"] and sum(map(sum, a["confusion"])) == 300
+    for x, y in zip(a["per_class"], b["per_class"]):
+        assert (x["support"], x["predicted"]) == (y["support"], y["predicted"])
+        assert x["mean_score"] == pytest.approx(y["mean_score"], rel=1e-12)
+        assert x["roc_auc"] == pytest.approx(y["roc_auc"], rel=1e-12)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "mean_nll", "total_variation"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15)
+    assert (one.tokens, one.padded_tokens, one.rows) == (many.tokens, many.padded_tokens, many.rows)
+    assert one.tokens == sum(len(x) for x in tiny["tok"](tiny["df"]["text"].tolist())["input_ids"])
+
+
+def test_memory_does_not_grow_with_rows(tiny, monkeypatch):
+    """Python/numpy allocations (tracemalloc) peak the same for 600 and 2,400 rows streamed in chunks of 200:
+    nothing per row is kept once the fixed-size samples are full (here made small so that 600 rows fill them:
+    100 sampled rows, 50 gradient norms per class and group instead of 4,000 and 20,000)."""
+    from collapse_detect.outputs import OutputWriter
+    from collapse_detect.stats import GradAccumulator
+
+    defaults = GradAccumulator.__init__.__defaults__
+    monkeypatch.setattr(GradAccumulator.__init__, "__defaults__", (50,) + defaults[1:])
+    peaks = {}
+    for rows in (600, 2400):
+        writer = OutputWriter(tiny["root"] / f"out_{rows}", {"csv"})
+        tracemalloc.start()
+        try:
+            run, _ = _probe(tiny, chunk_rows=200, rows=rows, writer=writer, batch_size=64, sample_rows=100)
+            peaks[rows] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        writer.commit()
+        assert run.rows == rows
+        assert all(len(r) <= 50 for g in run.accumulator.grad.values() for r in g.values)
+        assert len(run.accumulator.sample) == 100
+        with open(tiny["root"] / f"out_{rows}" / "predictions.csv") as f:
+            assert sum(1 for _ in f) == rows + 1
+    assert peaks[2400] < 1.15 * peaks[600], peaks
+
+
+def test_token_budget_caps_every_batch():
+    from collapse_detect.probe import make_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 300, size=2000)
+    batches = make_batches(lengths, batch_size=64, max_tokens=2048)
+    flat = np.sort(np.concatenate(batches))
+    assert flat.tolist() == list(range(2000))
+    for b in batches:
+        assert len(b) <= 64
+        assert len(b) == 1 or lengths[b].max() * len(b) <= 2048
+    # a row longer than the budget goes alone rather than being dropped
+    assert [len(b) for b in make_batches(np.array([5, 5000, 5]), 8, 100)] == [2, 1]
+    # without a budget: length-sorted batches of batch_size
+    plain = make_batches(lengths, 32, None)
+    assert all(len(b) == 32 for b in plain[:-1]) and all(np.diff(lengths[np.concatenate(plain)]) >= 0)
+
+
+def test_token_budget_caps_gradient_norm_batches_too(tiny, monkeypatch):
+    """Ghost norms (backward) run on batches under the same budget, and give the same norms as without it."""
+    from collapse_detect import gradnorm
+
+    shapes = []
+    real = gradnorm.per_example_grad_norms
+
+    def spy(model, batch, labels, **kw):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return real(model, batch, labels, **kw)
+
+    monkeypatch.setattr(gradnorm, "per_example_grad_norms", spy)
+    capped, _ = _probe(tiny, batch_size=32, grad_sample=12, max_tokens_per_batch=64)
+    ghost_shapes = list(shapes)
+    shapes.clear()
+    free, _ = _probe(tiny, batch_size=32, grad_sample=12)
+    assert ghost_shapes and all(r * t <= 64 or r == 1 for r, t in ghost_shapes)
+    assert max(r * t for r, t in shapes) > 64  # the budget did change the batches
+    assert sum(r for r, _ in ghost_shapes) == sum(r for r, _ in shapes) == 36  # 12 rows x 3 classes
+    g1, g2 = capped.accumulator.grad["ghost:total"], free.accumulator.grad["ghost:total"]
+    np.testing.assert_array_equal(g1.count, [12, 12, 12])
+    np.testing.assert_allclose(g1.total, g2.total, rtol=1e-4)
+
+
+def test_bf16_reports_drift_and_restores_fp32_weights(tiny):
+    import torch
+
+    from collapse_detect.probe import drift_summary
+
+    before = {k: v.clone() for k, v in tiny["model"].state_dict().items()}
+    run, seen = _probe(tiny, batch_size=1, dtype="bf16", drift_rows=40)
+    after = tiny["model"].state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    drift = drift_summary(run.drift, 3)
+    assert drift["rows"] == 40 and run.dtype == "bf16"
+    # the same numbers by hand: the 40 seeded rows, fp32 vs a bf16 copy, one row at a time
+    rows = np.sort(run.drift.arrays["row_id"])
+    texts = [tiny["df"]["text"][int(r)] for r in rows]
+    low_model = __import__("copy").deepcopy(tiny["model"]).to(torch.bfloat16)
+    with torch.inference_mode():
+        hi = np.stack([torch.softmax(tiny["model"](**tiny["tok"](t, return_tensors="pt")).logits.double(), -1)[0]
+                       .numpy() for t in texts])
+    probs = np.concatenate([s[1] for s in seen])
+    lo = probs[rows]  # what the bf16 run reported for those rows
+    with torch.inference_mode():
+        lo_copy = np.stack([torch.softmax(low_model(**tiny["tok"](t, return_tensors="pt")).logits.float().double(),
+                                          -1)[0].numpy() for t in texts])
+    np.testing.assert_allclose(lo, lo_copy, atol=1e-6)
+    diff = np.abs(lo - hi)
+    assert drift["max_abs_prob_diff"] == pytest.approx(diff.max(), abs=1e-6)
+    assert drift["mean_abs_prob_diff"] == pytest.approx(diff.mean(), abs=1e-6)
+    assert drift["prediction_agreement"] == pytest.approx(np.mean(lo.argmax(1) == hi.argmax(1)))
+    assert 0 < drift["max_abs_prob_diff"] < 0.05
+
+
+def test_thread_choice(monkeypatch):
+    from collapse_detect import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    assert runtime.choose_threads(3) == (3, "--threads")
+    assert runtime.choose_threads()[0] == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: 3 processes share the node's cores
+    assert runtime.choose_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default: respected, and the report says so
+    n, why = runtime.choose_threads()
+    assert n == 1 and why.startswith("OMP_NUM_THREADS") and "3 of 8 cores" in why and "--threads 2" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.choose_threads() == (1, "OMP_NUM_THREADS")
+    monkeypatch.undo()
+    cores = runtime.available_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+
+
+def test_wait_policy_is_set_before_torch_loads(tmp_path):
+    """cli.main sets OMP_WAIT_POLICY=PASSIVE (unless the user set one) and nothing imports torch before it."""
+    code = ("import os, sys\nos.environ.pop('OMP_WAIT_POLICY', None)\nimport collapse_detect.cli as cli\n"
+            "assert 'torch' not in sys.modules\ncli.main(['--help'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code + "print(os.environ['OMP_WAIT_POLICY'])"], env=env,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "PASSIVE" and "--threads" in out.stdout and "--dtype" in out.stdout
+    from collapse_detect import runtime
+
+    os.environ["OMP_WAIT_POLICY"], old = "ACTIVE", os.environ.get("OMP_WAIT_POLICY")
+    try:
+        runtime.prepare_process_env()
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # an explicit choice wins
+    finally:
+        if old is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = old
+
