@@ -15,7 +15,8 @@ Protocol (gloo, CPU; every collective is made by every rank, in this order):
    more than a few chunks.
 
 Every rank reads the whole eval file (and tokenizes only its rows), so the file and the model must be at the same
-path on every node; only rank 0 needs the ``--out`` folder.
+path on every node; only rank 0 needs the ``--out`` folder. Each rank exits 0, 1 or 2 as a single process would
+(ranks > 0: 0, or 2 after a failure anywhere); torchrun itself exits 1 whenever a rank exits non-zero.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Group:
         self.env = env
         self.dist = dist
         timeout = float(os.environ.get("COLLAPSE_DETECT_DIST_TIMEOUT_S", 24 * 3600))
-        if not dist.is_initialized():
+        self.owned = not dist.is_initialized()  # a caller's own process group is used, and left alone
+        if self.owned:
             dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=timeout))
         self.failed = False
@@ -109,7 +111,7 @@ class Group:
         return out
 
     def close(self) -> None:
-        if self.dist.is_initialized():
+        if self.owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ and the thread choice follows --threads > OMP_NUM_THREADS > available cores per 
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_bf16_reports_drift_and_restores_fp32_weights(tiny):
     # the same numbers by hand: the 40 seeded rows, fp32 vs a bf16 copy, one row at a time
     rows = np.sort(run.drift.arrays["row_id"])
     texts = [tiny["df"]["text"][int(r)] for r in rows]
-    low_model = __import__("copy").deepcopy(tiny["model"]).to(torch.bfloat16)
+    low_model = copy.deepcopy(tiny["model"]).to(torch.bfloat16)
     with torch.inference_mode():
         hi = np.stack([torch.softmax(tiny["model"](**tiny["tok"](t, return_tensors="pt")).logits.double(), -1)[0]
                        .numpy() for t in texts])
