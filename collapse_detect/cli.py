@@ -18,28 +18,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"Error: {message} (see collapse-detect --help)\n")
 
 
-def _positive_int(flag):
+def _int_at_least(flag, minimum: int, expected: str):
+    """An argparse type for an integer flag with a lower bound; the message says what was expected."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}")
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} expects {expected}, got {text!r}")
         return value
     return parse
+
+
+def _positive_int(flag):
+    return _int_at_least(flag, 1, "a positive integer")
 
 
 def _non_negative_int(flag):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects an integer >= 0, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag} expects an integer >= 0, got {text!r}")
-        return value
-    return parse
+    return _int_at_least(flag, 0, "an integer >= 0")
 
 
 def _formats(text):
