@@ -301,12 +301,6 @@ def _ghost_pass(model, grad_rows, acc: Accumulator, options: ProbeOptions, pad_i
             for group, values in norms.items():
                 if group.startswith("head"):
                     continue  # the closed form already covers every row
-                g = acc.grad.setdefault(f"ghost:{group}", _new_grad(acc))
-                g.update(gold[batch_idx], np.asarray(values, dtype=np.float64),
-                         res.priority[batch_idx])
+                acc.grad_group(f"ghost:{group}").update(
+                    gold[batch_idx], np.asarray(values, dtype=np.float64), res.priority[batch_idx])
 
-
-def _new_grad(acc: Accumulator):
-    from .stats import GradAccumulator
-
-    return GradAccumulator(acc.k)

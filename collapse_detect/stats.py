@@ -169,8 +169,13 @@ class Accumulator:
                 ids[i] = np.asarray(row, dtype=np.int64)
             self.token_sample.add(priority, row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, ids=ids)
         for group, norms in (grad_norms or {}).items():
-            acc = self.grad.setdefault(group, GradAccumulator(self.k))
-            acc.update(gold, np.asarray(norms, dtype=np.float64), priority)
+            self.grad_group(group).update(gold, np.asarray(norms, dtype=np.float64), priority)
+
+    def grad_group(self, group: str) -> GradAccumulator:
+        """The accumulator of one gradient-norm group, created on first use (not on every call)."""
+        if group not in self.grad:
+            self.grad[group] = GradAccumulator(self.k)
+        return self.grad[group]
 
     def _merge_moments(self, name: str, n_b: int, sum_b: np.ndarray, m2_b: np.ndarray) -> None:
         """Combine sums of squared deviations without the cancellation of sum(x^2) - n mean^2
