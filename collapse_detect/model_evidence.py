@@ -81,11 +81,16 @@ def _shuffled_probe(model, tokenizer, acc: Accumulator, pad_id: int, seed: int) 
         for i, v in zip(pos, vals):
             r[i] = v
         shuffled.append(r)
-    original, changed = [], []
-    for start in range(0, len(rows), 64):
-        original.append(_forward(model, rows[start:start + 64], pad_id))
-        changed.append(_forward(model, shuffled[start:start + 64], pad_id))
-    original, changed = np.concatenate(original), np.concatenate(changed)
+    from .probe import make_batches
+
+    original = changed = None
+    # length-sorted batches, as in the probe: shuffling keeps each row's length, so both share the batches
+    for idx in make_batches(np.asarray([len(r) for r in rows]), 64, None):
+        a = _forward(model, [rows[i] for i in idx], pad_id)
+        b = _forward(model, [shuffled[i] for i in idx], pad_id)
+        if original is None:
+            original, changed = np.empty((len(rows), a.shape[1])), np.empty((len(rows), a.shape[1]))
+        original[idx], changed[idx] = a, b
     return {"rows": len(rows), "agreement": float((original.argmax(1) == changed.argmax(1)).mean()),
             "distance": float(np.mean([total_variation(a, b) for a, b in zip(original, changed)]))}
 
