@@ -5,7 +5,8 @@ Prints side by side (each method runs in its own subprocess, so peak RSS is its 
 
 * ``pipeline``   transformers.pipeline("text-classification", top_k=None, batch_size=32)
 * ``per-row``    a naive loop: one forward per row (no padding at all, batch of one)
-* ``probe``      collapse-detect's probe, forward only (head gradient norms off)
+* ``probe``      collapse-detect's probe, forward only (head gradient norms off): one batch per thread at once
+* ``probe intra-op`` the same probe with one batch at a time on all threads (what it did before batch workers)
 * ``probe+head`` the probe as the CLI runs it (closed-form head gradient norms for every row)
 * ``probe bf16`` the probe with ``--dtype bf16`` (and its drift against fp32 on a seeded sample)
 
@@ -172,7 +173,7 @@ def _batched_padding(lengths, batch: int) -> int:
 
 
 def worker(method: str, fixture: dict, rows: int | None, threads: int | None, batch_size: int,
-           max_tokens: int | None, repeat: int = 1) -> dict:
+           max_tokens: int | None, repeat: int = 1, allocator: str = "tool") -> dict:
     """One method, timed in this process (which the parent started with the thread environment it wants)."""
     import numpy as np
     import pandas as pd
@@ -183,6 +184,12 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
     from collapse_detect.probe import ProbeOptions, drift_summary, run_probe
     from collapse_detect.runtime import apply_threads
 
+    if allocator == "tool":
+        from collapse_detect.runtime import keep_freed_memory
+
+        runtime_alloc = keep_freed_memory()
+    else:
+        runtime_alloc = False
     runtime = apply_threads(threads)
     loaded = load_checkpoint(fixture["model"])
     model, tok = loaded.model, loaded.tokenizer
@@ -195,12 +202,15 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
         frame.to_csv(data_path, index=False)
     texts = frame["text"].tolist()
     lengths = [len(x) for x in tok(texts)["input_ids"]]
-    out: dict = {"method": method, "rows": len(texts), "tokens": int(sum(lengths)), **runtime}
+    out: dict = {"method": method, "rows": len(texts), "tokens": int(sum(lengths)), **runtime,
+                 "keep_freed_memory": runtime_alloc}
+
+    workers = 1 if method.endswith("intra-op") else runtime["threads"]
 
     def probe(dtype="fp32", head=False, sample=None):
         """As the CLI probes (api.probe_files), minus checkpoint loading."""
         opts = ProbeOptions(batch_size=batch_size, max_tokens_per_batch=max_tokens, head_grad_norms=head,
-                            dtype=dtype)
+                            dtype=dtype, workers=workers)
         _, chunks = iter_chunks(sample or data_path, loaded.class_names)
         return run_probe(model, tok, chunks, loaded.class_names, opts)
 
@@ -235,7 +245,7 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
                     torch.softmax(model(**enc).logits, dim=-1).numpy()
             stop()
         out["padded_tokens"] = out["tokens"]
-    elif method in ("probe", "probe+head", "probe bf16"):
+    elif method in ("probe", "probe intra-op", "probe+head", "probe bf16"):
         warm = str(Path(data_path).with_name("warmup.csv"))
         frame.iloc[:64].to_csv(warm, index=False)
         dtype = "bf16" if method == "probe bf16" else "fp32"
@@ -274,7 +284,7 @@ def _spawn(method: str, fixture_dir: Path, args, env_extra: dict, threads: int |
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(env_extra)
     cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(fixture_dir),
-           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat)]
+           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat), "--allocator", args.allocator]
     if threads:
         cmd += ["--threads", str(threads)]
     if rows:
@@ -313,9 +323,12 @@ def main() -> None:
     ap.add_argument("--fixture-rows", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-tokens-per-batch", type=int, default=None)
+    ap.add_argument("--allocator", choices=["tool", "default"], default="tool",
+                    help="tool (default): every method runs with the allocator setting the CLI applies "
+                    "(runtime.keep_freed_memory); default: glibc's own")
     ap.add_argument("--threads", type=int, default=None, help="threads for every method (default: the tool's "
                     "choice, with OMP_WAIT_POLICY=PASSIVE as the CLI sets it)")
-    ap.add_argument("--methods", default="pipeline,per-row,probe,probe+head,probe bf16")
+    ap.add_argument("--methods", default="pipeline,per-row,probe,probe intra-op,probe+head,probe bf16")
     ap.add_argument("--neighbour-rows", type=int, default=400, help="rows per run in the noisy-neighbour table")
     ap.add_argument("--skip-neighbour", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method in each worker (best counts)")
@@ -328,7 +341,7 @@ def main() -> None:
     if args.worker:
         fixture = {"model": str(Path(args.workdir) / "model"), "data": str(Path(args.workdir) / "eval.csv")}
         res = worker(args.worker, fixture, args.rows, args.threads, args.batch_size, args.max_tokens_per_batch,
-                     args.repeat)
+                     args.repeat, args.allocator)
         print(json.dumps(res))
         return
 
@@ -353,7 +366,7 @@ def main() -> None:
     for rnd in range(args.rounds):  # rounds in alternating order, so a slow spell of the machine hits all methods
         for method in (methods if rnd % 2 == 0 else methods[::-1]):
             r = _spawn(method, root, args, env, args.threads, args.rows)
-            print(f"  round {rnd + 1}: {method:<11} {r['rows'] / r['seconds']:7.1f} rows/s ({_load()})", flush=True)
+            print(f"  round {rnd + 1}: {method:<15} {r['rows'] / r['seconds']:7.1f} rows/s ({_load()})", flush=True)
             old = best.get(method)
             if old is None:
                 best[method] = r
@@ -368,12 +381,13 @@ def main() -> None:
     peak_cpu = max(r["matmul_peak_gflops_cpu"] for r in results)
     r0 = results[0]
     print(f"\n{r0['rows']} rows, {r0['tokens']} tokens (median {_median_tokens(root, args.rows)}); threads "
-          f"{r0['threads']} ({r0['threads_reason']}), OMP_WAIT_POLICY={r0['omp_wait_policy']}")
+          f"{r0['threads']} ({r0['threads_reason']}), OMP_WAIT_POLICY={r0['omp_wait_policy']}, "
+          f"allocator: {'keep freed memory (as the CLI)' if r0['keep_freed_memory'] else 'glibc default'}")
     print(f"fp32 matmul peak measured in the same run (2048x2048, best over the workers): {peak:.1f} GFLOP/s "
           f"wall-clock, {peak_cpu:.1f} GFLOP per CPU-second")
     print("wall: per wall-clock second (what a user waits); cpu: per CPU-second of the process (robust to other "
           "processes' load on a shared machine)")
-    hdr = (f"{'method':<12}{'rows/s':>8}{'x pipe':>8}{'GFLOP/s':>9}{'of peak':>8}{'rows/cpu-s':>11}{'x pipe':>8}"
+    hdr = (f"{'method':<15}{'rows/s':>8}{'x pipe':>8}{'GFLOP/s':>9}{'of peak':>8}{'rows/cpu-s':>11}{'x pipe':>8}"
            f"{'GFLOP/cpu-s':>12}{'of peak':>8}{'padded/real':>12}{'RSS MB':>8}")
     print(hdr)
 
@@ -384,7 +398,7 @@ def main() -> None:
         gf, gfc = r["useful_gflop"] / r["seconds"], r["useful_gflop"] / r["cpu_seconds"]
         x = f"{rate(r) / rate(base):.2f}" if base else "-"
         xc = f"{rate(r, True) / rate(base, True):.2f}" if base else "-"
-        print(f"{r['method']:<12}{rate(r):>8.1f}{x:>8}{gf:>9.1f}{gf / peak:>8.2f}{rate(r, True):>11.1f}{xc:>8}"
+        print(f"{r['method']:<15}{rate(r):>8.1f}{x:>8}{gf:>9.1f}{gf / peak:>8.2f}{rate(r, True):>11.1f}{xc:>8}"
               f"{gfc:>12.1f}{gfc / peak_cpu:>8.2f}{r['padded_tokens'] / r['tokens']:>12.2f}{r['peak_rss_mb']:>8.0f}")
     for r in results:
         if r.get("drift"):
@@ -401,19 +415,19 @@ def main() -> None:
 
     if args.skip_neighbour:
         return
-    configs = [("1 thread", {"OMP_WAIT_POLICY": "PASSIVE"}, 1),
-               ("2 threads, default wait policy", {}, 2),
-               ("2 threads, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, 2),
-               ("tool's choice (CLI default)", {"OMP_WAIT_POLICY": "PASSIVE"}, None)]
+    configs = [("1 thread", {"OMP_WAIT_POLICY": "PASSIVE"}, 1, "probe"),
+               ("2 intra-op threads, default wait policy", {}, 2, "probe intra-op"),
+               ("2 intra-op threads, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, 2, "probe intra-op"),
+               ("tool's choice (CLI default: batch workers)", {"OMP_WAIT_POLICY": "PASSIVE"}, None, "probe")]
     print(f"\nnoisy neighbour: the probe on {args.neighbour_rows} rows and a single-row forward, without and with a "
           "busy-loop process pinned to core 1")
     table = []
-    for label, env_extra, threads in configs:
+    for label, env_extra, threads, method in configs:
         row = [label]
         for busy in (False, True):
             neighbour = _BusyCore(1) if busy else None
             try:
-                p = _spawn("probe", root, args, env_extra, threads, args.neighbour_rows)
+                p = _spawn(method, root, args, env_extra, threads, args.neighbour_rows)
                 lat = _spawn("latency", root, args, env_extra, threads, None)
             finally:
                 if neighbour:
@@ -421,10 +435,10 @@ def main() -> None:
             row += [p["rows"] / p["seconds"], lat["latency_ms"]]
         table.append(row)
         print(f"  {label} done ({_load()})", flush=True)
-    print(f"{'threads':<36}{'idle rows/s':>12}{'1-row ms':>9}{'busy rows/s':>12}{'1-row ms':>9}{'busy/idle':>10}")
+    print(f"{'threads':<44}{'idle rows/s':>12}{'1-row ms':>9}{'busy rows/s':>12}{'1-row ms':>9}{'busy/idle':>10}")
     one_busy = table[0][3]
     for label, idle, lat_idle, busy, lat_busy in table:
-        print(f"{label:<36}{idle:>12.1f}{lat_idle:>9.1f}{busy:>12.1f}{lat_busy:>9.1f}{busy / idle:>10.2f}"
+        print(f"{label:<44}{idle:>12.1f}{lat_idle:>9.1f}{busy:>12.1f}{lat_busy:>9.1f}{busy / idle:>10.2f}"
               f"   (busy: {busy / one_busy:.2f}x of 1 thread)")
 
 

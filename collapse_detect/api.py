@@ -118,6 +118,7 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     runtime = apply_threads(options.threads)
     probe_options = probe_options_for(options)
     probe_options.sample_sync = sample_sync
+    probe_options.workers = runtime["threads"]  # one batch per chosen thread (probe.BatchRunner)
     run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
     run.runtime.update(runtime)
     return ProbeOutcome(loaded, class_names, columns, run)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -33,6 +35,7 @@ class ProbeOptions:
     progress: bool = False
     sample_rows: int = 4000
     dtype: str = "fp32"           # "bf16": run the model in bfloat16 (weights cast for the run, restored after)
+    workers: int = 1              # batches in flight at once, each on one thread (see BatchRunner)
     drift_rows: int = 256         # with bf16: seeded rows probed in fp32 too, to measure the probability drift
     # Several processes (torchrun): called with the per-class ghost-norm reservoirs before the ghost pass, it
     # returns them trimmed to this process's share of the global sample (see distributed.py).
@@ -87,17 +90,75 @@ def make_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None) -
 
 
 class HeadCapture:
-    """Forward hook on the classification head's Linear: its input is the pooled feature."""
+    """Forward hook on the classification head's Linear: its input is the pooled feature (kept per thread, so
+    batches may run on several threads at once)."""
 
     def __init__(self, head: torch.nn.Module):
-        self.value = None
+        self._local = threading.local()
         self.handle = head.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        self.value = inputs[0].detach()
+        self._local.value = inputs[0].detach()
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return getattr(self._local, "value", None)
 
     def close(self):
         self.handle.remove()
+
+
+class BatchRunner:
+    """Forward passes over padded batches, returning each batch's logits and pooled features.
+
+    With ``workers`` > 1, that many batches run at once, each on its own thread with one intra-op thread
+    (batch-parallel), longest batch first. On a 2-core runner this beat two intra-op threads per batch: no
+    barrier after every operator, so each core keeps its single-thread efficiency, and a core slowed by a
+    neighbour delays only its own batch (benchmarks/bench_probe.py). torch releases the GIL inside operators;
+    the Python between them is a few percent of a batch. With ``workers`` == 1 batches run in order on the
+    calling thread with the process's intra-op threads."""
+
+    def __init__(self, model, capture: HeadCapture, workers: int = 1):
+        self.model, self.capture, self.workers = model, capture, max(1, int(workers))
+        self._pool = None
+        self._threads = torch.get_num_threads()
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="probe",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        if bool(batch["attention_mask"].all()):  # no padding (common once sorted): sdpa runs unmasked
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        with torch.inference_mode():
+            logits = self.model(**batch).logits.float().numpy()
+        return logits, self.capture.value.float().numpy()
+
+    def run(self, batches: list[np.ndarray], make_batch: Callable[[np.ndarray], dict]):
+        """Yield ``(batch_idx, padded_tokens, logits, features)`` for every batch (in completion order)."""
+        if self._pool is None:
+            for idx in batches:
+                batch = make_batch(idx)
+                yield (idx, int(batch["input_ids"].numel()), *self.forward(batch))
+            return
+
+        def job(idx):
+            batch = make_batch(idx)
+            return (idx, int(batch["input_ids"].numel()), *self.forward(batch))
+
+        # longest rows first (make_batches sorts by length), so the short batches even out the end
+        futures = [self._pool.submit(job, idx) for idx in batches[::-1]]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            torch.set_num_threads(self._threads)  # the workers' setting is process-wide in torch
 
 
 def _encode(tokenizer, texts, pairs, max_length):
@@ -146,6 +207,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                          "and likely slower than fp32")
     head = find_head(model)
     capture = HeadCapture(head)
+    runner = BatchRunner(model, capture, options.workers)
     unk_id = getattr(tokenizer, "unk_token_id", None)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     grad_rows = [Reservoir(options.grad_sample) for _ in class_names] if options.grad_sample > 0 else None
@@ -166,15 +228,10 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                     run.unknown_tokens += int(sum(x.count(unk_id) for x in ids))
                 logits = np.empty((n, len(class_names)), dtype=np.float32)
                 features = None
-                for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
-                    batch = _pad(enc, batch_idx, pad_id)
-                    run.padded_tokens += int(batch["input_ids"].numel())
-                    if bool(batch["attention_mask"].all()):  # no padding (common once sorted): sdpa runs unmasked
-                        del batch["attention_mask"]
-                    with torch.inference_mode():
-                        out = model(**batch).logits.float()
-                    logits[batch_idx] = out.numpy()
-                    feat = capture.value.float().numpy()
+                batches = make_batches(lengths, options.batch_size, options.max_tokens_per_batch)
+                for batch_idx, padded, out, feat in runner.run(batches, lambda idx: _pad(enc, idx, pad_id)):
+                    run.padded_tokens += padded
+                    logits[batch_idx] = out
                     if features is None:
                         features = np.empty((n, feat.shape[1]), dtype=np.float32)
                     features[batch_idx] = feat
@@ -202,6 +259,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                     on_chunk(chunk, _softmax(logits))
                 run.rows += n
     finally:
+        runner.close()
         capture.close()
     run.seconds = time.perf_counter() - start
     if drift is not None:

@@ -7,21 +7,49 @@ core with the neighbour while the other spins. With ``OMP_WAIT_POLICY=PASSIVE`` 
 threads ran at 0.93x of 1 thread with the busy neighbour and 1.8x of it on the idle machine. libgomp reads the
 variable once, when torch is imported, so ``prepare_process_env`` must run before the first ``import torch``
 (``cli.main`` calls it first thing).
+
+glibc returns every freed block over its mmap threshold to the kernel, so each layer's fresh activations (a
+32-row batch's 1536-wide FFN output is 7 MB) page-faulted in again: about 15,000 minor faults per MiniLM-sized
+forward, 8-10% of its time. ``keep_freed_memory`` serves blocks up to 32 MB from the heap and keeps freed memory
+for reuse; peak memory stays bounded by the batch shapes, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 from pathlib import Path
 
 DTYPES = ("fp32", "bf16")
 
 
 def prepare_process_env() -> None:
-    """Set the OpenMP wait policy before torch is imported (an explicit setting by the user wins)."""
+    """Set the OpenMP wait policy before torch is imported (an explicit setting by the user wins) and keep freed
+    memory in the process (see ``keep_freed_memory``)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """glibc only: allocate blocks below ``mmap_threshold`` from the heap and return freed memory to the kernel
+    only above ``trim_threshold``, so activations reuse pages instead of faulting them in on every forward.
+    Returns whether it applied; a ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` set by the user wins."""
+    if not sys.platform.startswith("linux") or any(
+            k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # not glibc (musl): leave its allocator alone
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
 
 
 def _affinity() -> list[int]:

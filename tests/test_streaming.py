@@ -223,3 +223,91 @@ def test_wait_policy_is_set_before_torch_loads(tmp_path):
         else:
             os.environ["OMP_WAIT_POLICY"] = old
 
+
+
+def test_batch_parallel_workers_give_the_single_thread_numbers(tiny):
+    """Three batches in flight on three threads: every row's probabilities, the statistics and the token
+    counts equal the run with batches in order on the calling thread, whose thread setting comes back."""
+    import torch
+
+    from collapse_detect.stats import compute_stats
+
+    one, seen_one = _probe(tiny, chunk_rows=130, batch_size=8, workers=1)
+    torch.set_num_threads(2)
+    try:
+        many, seen_many = _probe(tiny, chunk_rows=130, batch_size=8, workers=3)
+        assert torch.get_num_threads() == 2  # the workers' one-thread setting does not leak out
+    finally:
+        torch.set_num_threads(1)
+    p1, p3 = np.concatenate([s[1] for s in seen_one]), np.concatenate([s[1] for s in seen_many])
+    assert p1.shape == (300, 3) and p1.std(axis=0).min() > 1e-4  # the rows do differ (by 2e-4 to 5e-4)
+    np.testing.assert_allclose(p3, p1, rtol=0, atol=1e-7)
+    a, b = compute_stats(one.accumulator), compute_stats(many.accumulator)
+    assert a["confusion"] == b["confusion"]
+    assert a["balanced_accuracy"] == pytest.approx(b["balanced_accuracy"], abs=1e-12)
+    assert a["mean_nll"] == pytest.approx(b["mean_nll"], rel=1e-6)
+    assert (one.tokens, one.padded_tokens) == (many.tokens, many.padded_tokens)
+    # the pooled features are captured per thread: the head gradient norms match row for row
+    g1, g3 = one.accumulator.grad["head"], many.accumulator.grad["head"]
+    assert g1.count.tolist() == g3.count.tolist() == [180, 60, 60]
+    for c in range(3):
+        r1, r3 = g1.values[c], g3.values[c]
+        np.testing.assert_array_equal(r1.priority, r3.priority)
+        np.testing.assert_allclose(r3.arrays["value"], r1.arrays["value"], rtol=1e-5)
+
+
+def test_batch_runner_error_reaches_the_caller_and_the_pool_closes(tiny):
+    import threading
+
+    import torch
+
+    from collapse_detect.gradnorm import find_head
+    from collapse_detect.probe import BatchRunner, HeadCapture, _pad
+
+    model, tok = tiny["model"], tiny["tok"]
+    enc = tok(tiny["df"]["text"].tolist()[:40])
+    enc = {"input_ids": list(enc["input_ids"]), "token_type_ids": list(enc["token_type_ids"])}
+    capture = HeadCapture(find_head(model))
+    runner = BatchRunner(model, capture, workers=2)
+    calls = []
+
+    def make_batch(idx):
+        calls.append(threading.get_ident())
+        if len(calls) == 3:
+            raise ValueError("row 17 is broken")
+        return _pad(enc, idx, 0)
+
+    batches = [np.arange(i, i + 5) for i in range(0, 40, 5)]
+    with pytest.raises(ValueError, match="row 17"):
+        list(runner.run(batches, make_batch))
+    runner.close()
+    capture.close()
+    assert threading.get_ident() not in calls  # the batches ran on the workers
+    assert not [t for t in threading.enumerate() if t.name.startswith("probe")]
+    assert torch.get_num_threads() == 1
+
+
+def test_keep_freed_memory_stops_page_faults(tmp_path):
+    """Two 7 MB blocks freed together are handed back to the kernel by glibc's defaults and fault in again
+    on every reuse; with keep_freed_memory they are reused. A user's MALLOC_* setting wins."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    code = ("import resource, sys\nimport numpy as np\nfrom collapse_detect import runtime\n"
+            "applied = runtime.keep_freed_memory() if sys.argv[1] == 'tuned' else False\n"
+            "def cycle():\n    a = np.ones(7 << 18, np.float32); b = np.ones(7 << 18, np.float32)\n    del a, b\n"
+            "cycle()\nf0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(20):\n    cycle()\n"
+            "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n")
+    faults = {}
+    for mode, extra in (("default", {}), ("tuned", {}), ("tuned-by-user", {"MALLOC_TRIM_THRESHOLD_": "0"})):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(extra, PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, "-c", code, mode.split("-")[0]], env=env, capture_output=True,
+                             text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        applied, n = out.stdout.split()
+        faults[mode] = (applied, int(n))
+    if faults["default"][1] < 5000:
+        pytest.skip(f"this libc does not return such blocks to the kernel: {faults}")
+    assert faults["tuned"][0] == "True" and faults["tuned"][1] < 500, faults  # default: about 20,000 here
+    assert faults["tuned-by-user"][0] == "False" and faults["tuned-by-user"][1] > 5000, faults
