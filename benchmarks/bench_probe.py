@@ -172,7 +172,7 @@ def _batched_padding(lengths, batch: int) -> int:
     return int(sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch)))
 
 
-def worker(method: str, fixture: dict, rows: int | None, threads: int | None, batch_size: int,
+def worker(method: str, fixture: dict, rows: int | None, threads: int | None, batch_size: int | None,
            max_tokens: int | None, repeat: int = 1, allocator: str = "tool") -> dict:
     """One method, timed in this process (which the parent started with the thread environment it wants)."""
     import numpy as np
@@ -209,8 +209,10 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
 
     def probe(dtype="fp32", head=False, sample=None):
         """As the CLI probes (api.probe_files), minus checkpoint loading."""
-        opts = ProbeOptions(batch_size=batch_size, max_tokens_per_batch=max_tokens, head_grad_norms=head,
-                            dtype=dtype, workers=workers)
+        opts = ProbeOptions(head_grad_norms=head, dtype=dtype, workers=workers)
+        opts.batch_size = batch_size or opts.batch_size
+        opts.max_tokens_per_batch = max_tokens or opts.max_tokens_per_batch
+        out["batches"] = f"{opts.batch_size} rows and {opts.max_tokens_per_batch} padded tokens"
         _, chunks = iter_chunks(sample or data_path, loaded.class_names)
         return run_probe(model, tok, chunks, loaded.class_names, opts)
 
@@ -284,7 +286,9 @@ def _spawn(method: str, fixture_dir: Path, args, env_extra: dict, threads: int |
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(env_extra)
     cmd = [sys.executable, __file__, "--worker", method, "--workdir", str(fixture_dir),
-           "--batch-size", str(args.batch_size), "--repeat", str(args.repeat), "--allocator", args.allocator]
+           "--repeat", str(args.repeat), "--allocator", args.allocator]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
     if threads:
         cmd += ["--threads", str(threads)]
     if rows:
@@ -321,8 +325,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="collapse-detect probe vs transformers pipeline")
     ap.add_argument("--rows", type=int, default=None, help="rows of the eval file to use (default: all 2,000)")
     ap.add_argument("--fixture-rows", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-tokens-per-batch", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="the probe's rows per batch (default: the CLI's)")
+    ap.add_argument("--max-tokens-per-batch", type=int, default=None,
+                    help="the probe's padded tokens per batch (default: the CLI's)")
     ap.add_argument("--allocator", choices=["tool", "default"], default="tool",
                     help="tool (default): every method runs with the allocator setting the CLI applies "
                     "(runtime.keep_freed_memory); default: glibc's own")
@@ -383,6 +388,9 @@ def main() -> None:
     print(f"\n{r0['rows']} rows, {r0['tokens']} tokens (median {_median_tokens(root, args.rows)}); threads "
           f"{r0['threads']} ({r0['threads_reason']}), OMP_WAIT_POLICY={r0['omp_wait_policy']}, "
           f"allocator: {'keep freed memory (as the CLI)' if r0['keep_freed_memory'] else 'glibc default'}")
+    probe_batches = next((r["batches"] for r in results if "batches" in r), None)
+    if probe_batches:
+        print(f"probe batches: at most {probe_batches}; pipeline: batch_size=32 as it is usually called")
     print(f"fp32 matmul peak measured in the same run (2048x2048, best over the workers): {peak:.1f} GFLOP/s "
           f"wall-clock, {peak_cpu:.1f} GFLOP per CPU-second")
     print("wall: per wall-clock second (what a user waits); cpu: per CPU-second of the process (robust to other "

@@ -11,6 +11,7 @@ import numpy as np
 from .checks import checks_selected, run_checks
 from .diagnosis import Diagnosis
 from .errors import InputError
+from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
 from .stats import compute_stats
 
 
@@ -20,9 +21,9 @@ class RunOptions:
     text_pair_col: str | None = None
     label_col: str | None = None
     label_names: list[str] | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_ROWS
     max_length: int | None = None
-    max_tokens_per_batch: int | None = None
+    max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS
     grad_sample: int = 0
     grad_layers: int | None = None
     seed: int = 0
@@ -260,8 +261,8 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
 
 
 def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=None, text_pair_col=None,
-             label_col=None, label_names=None, batch_size: int = 32, max_length: int | None = None,
-             max_tokens_per_batch: int | None = None, grad_sample: int = 0, grad_layers: int | None = None,
+             label_col=None, label_names=None, batch_size: int = DEFAULT_BATCH_ROWS, max_length: int | None = None,
+             max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS, grad_sample: int = 0, grad_layers: int | None = None,
              seed: int = 0, check_params: dict | None = None, only=None, skip=None, fail_on: str = "fail",
              keep_predictions: bool = True, progress: bool = False) -> Diagnosis:
     """Probe an in-memory model on in-memory rows and judge it: the same ``Diagnosis`` the CLI renders.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import CollapseDetectError, InputError
 from .outputs import FORMATS
+from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
 
 EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE = 0, 1, 2
 
@@ -70,11 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-col", metavar="L", help="gold label column (default: detected)")
     p.add_argument("--label-names", metavar="N0,N1,...",
                    help="class names for the model's ids in order, when id2label does not hold the data's names")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=DEFAULT_BATCH_ROWS, metavar="N",
+                   help=f"at most N rows per batch (default {DEFAULT_BATCH_ROWS})")
     p.add_argument("--max-length", type=_positive_int("--max-length"), default=None, metavar="N",
                    help="truncate inputs to N tokens (default: the model's limit)")
-    p.add_argument("--max-tokens-per-batch", type=_positive_int("--max-tokens-per-batch"), default=None,
-                   metavar="N", help="cap padded tokens per batch (bounds memory)")
+    p.add_argument("--max-tokens-per-batch", type=_positive_int("--max-tokens-per-batch"),
+                   default=DEFAULT_BATCH_TOKENS, metavar="N",
+                   help=f"at most N padded tokens per batch, which bounds memory (default {DEFAULT_BATCH_TOKENS}; "
+                        "a longer row runs alone)")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
                    help="CPU threads for the model (default: OMP_NUM_THREADS, else the physical cores available "
                         "to this process, shared among torchrun's processes on the node)")

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 
 from .data import Chunk
+from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
 from .stats import Accumulator, Reservoir, row_priority
 
 
 @dataclass
 class ProbeOptions:
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_ROWS
     max_length: int | None = None
-    max_tokens_per_batch: int | None = None
+    max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS
     head_grad_norms: bool = True
     grad_sample: int = 0          # rows per class that get backward-based (ghost) norms; 0 = none
     grad_layers: int | None = None  # last N blocks for ghost norms; None = all

@@ -63,7 +63,8 @@ def test_nearest_pyproject_with_the_table_is_found_from_a_subfolder(tmp_path):
 def test_no_config_anywhere_leaves_the_built_in_defaults(tmp_path):
     args, config = _parse(["m", "d"], tmp_path)
     assert config.path is None and config.defaults == {} and config.check_params == {}
-    assert (args.batch_size, args.fail_on, args.seed, args.quiet) == (32, "fail", 0, False)
+    assert (args.batch_size, args.max_tokens_per_batch, args.fail_on, args.seed, args.quiet) == (64, 1536, "fail", 0,
+                                                                                            False)
 
 
 # ---------------------------------------------------------------- global keys
