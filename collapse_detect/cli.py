@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most N padded tokens per batch, which bounds memory (default {DEFAULT_BATCH_TOKENS}; "
                         "a longer row runs alone)")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
-                   help="CPU threads for the model (default: OMP_NUM_THREADS, else the physical cores available "
-                        "to this process, shared among torchrun's processes on the node)")
+                   help="CPU threads for the model; the probe runs N batches at once, one thread each (default: "
+                        "OMP_NUM_THREADS, else the physical cores available to this process, shared among "
+                        "torchrun's processes on the node)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="compute dtype; bf16 is faster on CPUs with AVX512-BF16/AMX and the report states its "
                         "probability drift against fp32 on a seeded sample of rows (default: fp32)")

@@ -135,18 +135,17 @@ class BatchRunner:
         return logits, self.capture.value.float().numpy()
 
     def run(self, batches: list[np.ndarray], make_batch: Callable[[np.ndarray], dict]):
-        """Yield ``(batch_idx, padded_tokens, logits, features)`` for every batch (in completion order)."""
-        if self._pool is None:
-            for idx in batches:
-                batch = make_batch(idx)
-                yield (idx, int(batch["input_ids"].numel()), *self.forward(batch))
-            return
+        """Yield ``(batch_idx, padded_tokens, logits, features)`` for every batch: in the given order on the
+        calling thread, longest rows first with workers (make_batches sorts by length, so the short batches
+        even out the end)."""
 
         def job(idx):
             batch = make_batch(idx)
             return (idx, int(batch["input_ids"].numel()), *self.forward(batch))
 
-        # longest rows first (make_batches sorts by length), so the short batches even out the end
+        if self._pool is None:
+            yield from map(job, batches)
+            return
         futures = [self._pool.submit(job, idx) for idx in batches[::-1]]
         try:
             for future in futures:

@@ -6,10 +6,13 @@ process on the other core, 2 OpenMP threads under the default (spinning) wait po
 core with the neighbour while the other spins. With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep instead: 2
 threads ran at 0.93x of 1 thread with the busy neighbour and 1.8x of it on the idle machine. libgomp reads the
 variable once, when torch is imported, so ``prepare_process_env`` must run before the first ``import torch``
-(``cli.main`` calls it first thing).
+(``cli.main`` calls it first thing). The probe itself goes further: it runs one batch per chosen thread at
+once, each on a single thread (probe.BatchRunner), which kept 1.22x of one thread's speed with the busy
+neighbour and avoids the barriers altogether; PASSIVE still serves the passes that use intra-op threads.
 
-glibc returns every freed block over its mmap threshold to the kernel, so each layer's fresh activations (a
-32-row batch's 1536-wide FFN output is 7 MB) page-faulted in again: about 15,000 minor faults per MiniLM-sized
+glibc hands freed memory back to the kernel (blocks over its mmap threshold, and the top of the heap past its
+trim threshold), so each layer's fresh activations (a 32-row batch's 1536-wide FFN output is 7 MB) page-faulted
+in again: about 15,000 minor faults per MiniLM-sized
 forward, 8-10% of its time. ``keep_freed_memory`` serves blocks up to 32 MB from the heap and keeps freed memory
 for reuse; peak memory stays bounded by the batch shapes, as before.
 """
