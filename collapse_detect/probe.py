@@ -214,7 +214,8 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     try:
-        with _progress(total_rows, options.progress) as bar, cast_model(model, dtype):
+        # the workers stop before the weights go back to fp32, even when a batch fails
+        with _progress(total_rows, options.progress) as bar, cast_model(model, dtype), contextlib.closing(runner):
             for chunk in chunks:
                 n = len(chunk.texts)
                 if n == 0:
@@ -259,7 +260,6 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                     on_chunk(chunk, _softmax(logits))
                 run.rows += n
     finally:
-        runner.close()
         capture.close()
     run.seconds = time.perf_counter() - start
     if drift is not None:
