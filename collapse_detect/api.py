@@ -263,8 +263,8 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
 def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=None, text_pair_col=None,
              label_col=None, label_names=None, batch_size: int = DEFAULT_BATCH_ROWS, max_length: int | None = None,
              max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS, grad_sample: int = 0,
-             grad_layers: int | None = None, seed: int = 0, check_params: dict | None = None, only=None, skip=None, fail_on: str = "fail",
-             keep_predictions: bool = True, progress: bool = False) -> Diagnosis:
+             grad_layers: int | None = None, seed: int = 0, check_params: dict | None = None, only=None, skip=None,
+             fail_on: str = "fail", keep_predictions: bool = True, progress: bool = False) -> Diagnosis:
     """Probe an in-memory model on in-memory rows and judge it: the same ``Diagnosis`` the CLI renders.
 
     ``texts`` is a list of strings (with ``labels``: class names or ids, and optionally ``text_pairs``), or a
