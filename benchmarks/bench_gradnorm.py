@@ -9,7 +9,8 @@ Runs, on the same rows and batches, side by side:
 * naive per-example backward (one backward per row, on a length-stratified subset)
 
 and prints ms/row and the ratio to the bare forward. A MiniLM-L6-sized BERT with random
-weights is used unless ``--model`` (or a directory under /work/scratch/models) is given.
+weights is used unless ``--model DIR`` names a fine-tuned checkpoint (loaded as the CLI loads it: offline,
+safetensors only).
 
 Usage::
 
@@ -41,17 +42,12 @@ from collapse_detect.gradnorm import (  # noqa: E402
 
 
 def load_model(path: str | None, num_labels: int):
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
-    if path == "random":
-        path = None
-    elif path is None:
-        root = Path("/work/scratch/models")
-        candidates = sorted(p for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []
-        path = str(candidates[0]) if candidates else None
     if path is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        return model.eval(), path
+        from collapse_detect.checkpoint import load_checkpoint
+
+        return load_checkpoint(path).model.eval(), path
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                      intermediate_size=1536, max_position_embeddings=512, num_labels=num_labels)
@@ -168,9 +164,8 @@ def time_interleaved(model, batches, methods, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None,
-                    help="HF model dir; default: first of /work/scratch/models/*, else random init; "
-                         "'random' forces random init")
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="a fine-tuned checkpoint directory (default: a random-init MiniLM-L6-sized BERT)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--naive-rows", type=int, default=16, help="rows for the per-example backward (one pass)")
