@@ -182,14 +182,9 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
     from collapse_detect.checkpoint import load_checkpoint
     from collapse_detect.data import iter_chunks
     from collapse_detect.probe import ProbeOptions, drift_summary, run_probe
-    from collapse_detect.runtime import apply_threads
+    from collapse_detect.runtime import apply_threads, keep_freed_memory
 
-    if allocator == "tool":
-        from collapse_detect.runtime import keep_freed_memory
-
-        runtime_alloc = keep_freed_memory()
-    else:
-        runtime_alloc = False
+    keep_freed = allocator == "tool" and keep_freed_memory()
     runtime = apply_threads(threads)
     loaded = load_checkpoint(fixture["model"])
     model, tok = loaded.model, loaded.tokenizer
@@ -203,7 +198,7 @@ def worker(method: str, fixture: dict, rows: int | None, threads: int | None, ba
     texts = frame["text"].tolist()
     lengths = [len(x) for x in tok(texts)["input_ids"]]
     out: dict = {"method": method, "rows": len(texts), "tokens": int(sum(lengths)), **runtime,
-                 "keep_freed_memory": runtime_alloc}
+                 "keep_freed_memory": keep_freed}
 
     workers = 1 if method.endswith("intra-op") else runtime["threads"]
 
