@@ -137,6 +137,13 @@ def probe_options_for(options: RunOptions):
 
 def diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options: RunOptions) -> Diagnosis:
     """Statistics, evidence and checks for a finished probe (after any merge across processes)."""
+    from .runtime import one_blas_thread
+
+    with one_blas_thread():  # small matrices from here on (runtime.one_blas_thread)
+        return _diagnosis_from_outcome(outcome, model_dir, data_file, options)
+
+
+def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options: RunOptions) -> Diagnosis:
     run, loaded, columns = outcome.run, outcome.loaded, outcome.columns
     if run.rows == 0:
         raise InputError(f"data file {str(data_file)!r} has no rows")
@@ -189,8 +196,12 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     if "features" in sample:
         evidence["linear_probe"] = analysis.linear_probe(sample["features"], sample["gold"], seed=options.seed)
         evidence["geometry"] = analysis.representation_geometry(sample["features"])
+    batching = {"batch_size": options.batch_size, "max_tokens": options.max_tokens_per_batch,
+                "workers": outcome.run.runtime.get("threads", 1)}  # as the probe ran (BatchRunner)
     evidence["null_input"] = model_evidence.null_input_probe(loaded.model, loaded.tokenizer, acc,
-                                                             outcome.class_names, seed=options.seed)
+                                                             outcome.class_names, seed=options.seed,
+                                                             batching=batching,
+                                                             reuse_probe=outcome.run.dtype == "fp32")
     evidence["head"] = model_evidence.head_state(loaded.model, loaded.missing_keys, stats["label_prior"])
     evidence["tokenizer_fit"] = model_evidence.tokenizer_fit(loaded.model, loaded.tokenizer)
     return evidence

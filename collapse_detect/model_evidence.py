@@ -8,29 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .probe import _softmax, forward_logits
 from .stats import SCORE_RANGE, Accumulator, log_odds, total_variation
 
 
-def _forward(model, rows: list[list[int]], pad_id: int, with_logits: bool = False):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
-    return (probs, logits.numpy().astype(np.float64)) if with_logits else probs
-
-
 def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str], *, seed: int = 0,
-                     length: int | None = None) -> dict:
+                     length: int | None = None, batching: dict | None = None, reuse_probe: bool = True) -> dict:
     """Outputs on inputs with no information (empty, all-[PAD], all-[MASK]) and on token-shuffled rows.
 
     ``agreement`` is the share of sampled real rows whose prediction equals the empty input's; ``distance`` the
     mean over rows of the largest per-class log-odds difference to the empty input. A model that ignores its
-    input has agreement near 1 and distance near 0.
+    input has agreement near 1 and distance near 0. ``batching``: keyword arguments for probe.forward_logits
+    (batch size, token budget, workers), so these passes run as the probe runs. ``reuse_probe``: take the
+    sampled rows' own probabilities from the probe's sample instead of running them again (only right when the
+    probe ran the model as it is now, i.e. in fp32).
     """
     sample = acc.sample.arrays
     probs = sample["probs"].astype(np.float64)
@@ -47,7 +38,9 @@ def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str],
     if tokenizer.mask_token_id is not None:
         inputs["all_mask"] = wrap([tokenizer.mask_token_id] * body)
     names = list(inputs)
-    outs, out_logits = _forward(model, [inputs[n] for n in names], pad_id, with_logits=True)
+    batching = batching or {}
+    out_logits = forward_logits(model, [inputs[n] for n in names], pad_id, **batching)
+    outs = _softmax(out_logits)
     result = {"length": length, "inputs": {}}
     pred = probs.argmax(axis=1)
     for name, p, z in zip(names, outs, out_logits):
@@ -60,11 +53,12 @@ def null_input_probe(model, tokenizer, acc: Accumulator, class_names: list[str],
         }
     result["agreement"] = result["inputs"]["empty"]["agreement"]
     result["distance"] = result["inputs"]["empty"]["distance"]
-    result["shuffled"] = _shuffled_probe(model, tokenizer, acc, pad_id, seed)
+    result["shuffled"] = _shuffled_probe(model, tokenizer, acc, pad_id, seed, batching, reuse_probe)
     return result
 
 
-def _shuffled_probe(model, tokenizer, acc: Accumulator, pad_id: int, seed: int) -> dict | None:
+def _shuffled_probe(model, tokenizer, acc: Accumulator, pad_id: int, seed: int, batching: dict,
+                    reuse_probe: bool) -> dict | None:
     """Shuffle the tokens of sampled rows (specials kept in place) and compare predictions."""
     arrays = acc.token_sample.arrays
     if not arrays or len(arrays.get("ids", [])) == 0:
@@ -81,18 +75,25 @@ def _shuffled_probe(model, tokenizer, acc: Accumulator, pad_id: int, seed: int) 
         for i, v in zip(pos, vals):
             r[i] = v
         shuffled.append(r)
-    from .probe import make_batches
-
-    original = changed = None
-    # length-sorted batches, as in the probe: shuffling keeps each row's length, so both share the batches
-    for idx in make_batches(np.asarray([len(r) for r in rows]), 64, None):
-        a = _forward(model, [rows[i] for i in idx], pad_id)
-        b = _forward(model, [shuffled[i] for i in idx], pad_id)
-        if original is None:
-            original, changed = np.empty((len(rows), a.shape[1])), np.empty((len(rows), a.shape[1]))
-        original[idx], changed[idx] = a, b
+    original = _sampled_probs(acc, arrays["row_id"]) if reuse_probe else None
+    if original is None:
+        original = _softmax(forward_logits(model, rows, pad_id, **batching))
+    changed = _softmax(forward_logits(model, shuffled, pad_id, **batching))
     return {"rows": len(rows), "agreement": float((original.argmax(1) == changed.argmax(1)).mean()),
             "distance": float(np.mean([total_variation(a, b) for a, b in zip(original, changed)]))}
+
+
+def _sampled_probs(acc: Accumulator, row_ids: np.ndarray) -> np.ndarray | None:
+    """The probe's probabilities for ``row_ids`` from its row sample, or None unless it holds them all. Both
+    samples keep the rows of smallest seeded priority, so the token sample is inside the larger row sample."""
+    sample = acc.sample.arrays
+    if not sample or "row_id" not in sample:
+        return None
+    where = {int(r): i for i, r in enumerate(sample["row_id"])}
+    idx = [where.get(int(r)) for r in row_ids]
+    if any(i is None for i in idx):
+        return None
+    return sample["probs"][np.asarray(idx, dtype=np.int64)].astype(np.float64)
 
 
 def head_state(model, missing_keys: list[str], label_prior: list[float]) -> dict:

@@ -119,7 +119,7 @@ class BatchRunner:
     the Python between them is a few percent of a batch. With ``workers`` == 1 batches run in order on the
     calling thread with the process's intra-op threads."""
 
-    def __init__(self, model, capture: HeadCapture, workers: int = 1):
+    def __init__(self, model, capture: HeadCapture | None, workers: int = 1):
         self.model, self.capture, self.workers = model, capture, max(1, int(workers))
         self._pool = None
         self._threads = torch.get_num_threads()
@@ -132,7 +132,7 @@ class BatchRunner:
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         with torch.inference_mode():
             logits = self.model(**batch).logits.float().numpy()
-        return logits, self.capture.value.float().numpy()
+        return logits, None if self.capture is None else self.capture.value.float().numpy()
 
     def run(self, batches: list[np.ndarray], make_batch: Callable[[np.ndarray], dict]):
         """Yield ``(batch_idx, padded_tokens, logits, features)`` for every batch: in the given order on the
@@ -159,6 +159,22 @@ class BatchRunner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
             torch.set_num_threads(self._threads)  # the workers' setting is process-wide in torch
+
+
+def forward_logits(model, rows: list[list[int]], pad_id: int, *, batch_size: int = DEFAULT_BATCH_ROWS,
+                   max_tokens: int | None = DEFAULT_BATCH_TOKENS, workers: int = 1) -> np.ndarray:
+    """Logits (float64, in the given order) for rows of token ids, batched as the probe batches (sorted by
+    length, padded per batch, ``workers`` batches at once); every token of a row is attended."""
+    lengths = np.asarray([len(r) for r in rows])
+    out = None
+    runner = BatchRunner(model, None, workers)
+    with contextlib.closing(runner):
+        for batch_idx, _, logits, _ in runner.run(make_batches(lengths, batch_size, max_tokens),
+                                                  lambda idx: _pad({"input_ids": rows}, idx, pad_id)):
+            if out is None:
+                out = np.empty((len(rows), logits.shape[1]))
+            out[batch_idx] = logits
+    return out
 
 
 def _encode(tokenizer, texts, pairs, max_length):

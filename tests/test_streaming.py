@@ -311,3 +311,60 @@ def test_keep_freed_memory_stops_page_faults(tmp_path):
         pytest.skip(f"this libc does not return such blocks to the kernel: {faults}")
     assert faults["tuned"][0] == "True" and faults["tuned"][1] < 500, faults  # default: about 20,000 here
     assert faults["tuned-by-user"][0] == "False" and faults["tuned-by-user"][1] > 5000, faults
+
+
+def test_forward_logits_batches_like_the_probe_and_keeps_row_order(tiny):
+    """The evidence passes' forward (sorted, token-budgeted batches, batch workers) gives each row the
+    logits of a forward on that row alone, in the order given."""
+    import torch
+
+    from collapse_detect.probe import forward_logits
+
+    model, tok = tiny["model"], tiny["tok"]
+    rows = [list(r) for r in tok(tiny["df"]["text"].tolist()[:70])["input_ids"]]
+    rows[5] = rows[5][:2]  # lengths from 2 tokens up, in no particular order
+    with torch.inference_mode():
+        alone = np.stack([model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows])
+    assert alone.std(axis=0).min() > 5e-4  # rows differ, by far more than the tolerance below
+    for workers in (1, 2):
+        got = forward_logits(model, rows, 0, batch_size=16, max_tokens=200, workers=workers)
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
+    assert torch.get_num_threads() == 1  # the fixture's setting, back after the workers
+
+
+def test_null_input_probe_reuses_the_probe_rows_to_the_same_numbers(tiny):
+    """The token-shuffle probe takes the sampled rows' probabilities from the probe's own sample (a subset of
+    it by construction) instead of a second forward: the evidence equals running them again."""
+    from collapse_detect.model_evidence import _sampled_probs, null_input_probe
+
+    run, _ = _probe(tiny, chunk_rows=130, batch_size=8, head_grad_norms=False)
+    acc = run.accumulator
+    token_rows = acc.token_sample.arrays["row_id"]
+    assert len(token_rows) == 256 and len(acc.sample) == 300
+    reused = null_input_probe(tiny["model"], tiny["tok"], acc, LABELS, reuse_probe=True)
+    again = null_input_probe(tiny["model"], tiny["tok"], acc, LABELS, reuse_probe=False,
+                             batching={"batch_size": 16, "max_tokens": 300, "workers": 2})
+    assert reused["shuffled"]["rows"] == again["shuffled"]["rows"] == 256
+    assert reused["shuffled"]["agreement"] == again["shuffled"]["agreement"]
+    assert reused["shuffled"]["distance"] == pytest.approx(again["shuffled"]["distance"], rel=1e-4)
+    assert again["shuffled"]["distance"] > 1e-5  # shuffling does move this model's outputs
+    for name, value in reused["inputs"].items():
+        np.testing.assert_allclose(value["probs"], again["inputs"][name]["probs"], rtol=0, atol=1e-6)
+    # a row the sample lacks: no reuse (the caller runs the rows)
+    assert _sampled_probs(acc, np.append(token_rows[:3], 10_000)) is None
+    np.testing.assert_allclose(_sampled_probs(acc, token_rows[:3]).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_one_blas_thread_limits_numpy_blas_inside_the_block_only():
+    from threadpoolctl import threadpool_info
+
+    from collapse_detect.runtime import one_blas_thread
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before  # numpy's BLAS is loaded
+    with one_blas_thread():
+        assert set(blas_threads().values()) == {1}
+    assert blas_threads() == before
