@@ -275,15 +275,17 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
              label_col=None, label_names=None, batch_size: int = DEFAULT_BATCH_ROWS, max_length: int | None = None,
              max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS, grad_sample: int = 0,
              grad_layers: int | None = None, seed: int = 0, check_params: dict | None = None, only=None, skip=None,
-             fail_on: str = "fail", keep_predictions: bool = True, progress: bool = False) -> Diagnosis:
+             fail_on: str = "fail", keep_predictions: bool = True, progress: bool = False,
+             threads: int | None = None) -> Diagnosis:
     """Probe an in-memory model on in-memory rows and judge it: the same ``Diagnosis`` the CLI renders.
 
     ``texts`` is a list of strings (with ``labels``: class names or ids, and optionally ``text_pairs``), or a
     pandas DataFrame whose text and label columns are detected as in a data file (or named by ``text_col``,
     ``text_pair_col``, ``label_col``). ``check_params`` maps check id to thresholds, as in
     ``[tool.collapse-detect.checks]``; ``only``/``skip`` are check ids. The model's training mode is restored
-    afterwards. ``Diagnosis.save(folder)`` writes the CLI's files; in a notebook the result shows as a compact
-    HTML summary.
+    afterwards. ``threads``: batches probed at once, one thread each, for a model on the CPU (default: as the
+    CLI chooses, see runtime.choose_threads); torch's thread setting is back afterwards.
+    ``Diagnosis.save(folder)`` writes the CLI's files; in a notebook the result shows as a compact HTML summary.
 
     >>> diagnosis = collapse_detect.diagnose(model, tokenizer, ["a great match", "shares fall"],
     ...                                      ["sports", "business"])          # doctest: +SKIP
@@ -296,6 +298,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     from .data import Chunk, Columns, LabelMapper, detect_columns
     from .errors import ConfigError
     from .probe import run_probe
+    from .runtime import choose_threads
 
     if fail_on not in ("warn", "fail"):
         raise ValueError(f"fail_on must be 'warn' or 'fail', got {fail_on!r}")
@@ -381,7 +384,14 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file="(in memory)")
     was_training = getattr(model, "training", False)
     try:  # the probe and the model evidence run in eval mode; a notebook's training loop gets its mode back
-        run = run_probe(model, tokenizer, chunks, class_names, probe_options_for(options), on_chunk=keep)
+        probe_options = probe_options_for(options)
+        runtime = {"threads": 1, "threads_reason": "model not on the CPU"}
+        if all(p.device.type == "cpu" for p in model.parameters()):
+            n, why = choose_threads(threads)
+            runtime = {"threads": n, "threads_reason": "diagnose(threads=...)" if threads else why}
+        probe_options.workers = runtime["threads"]  # one batch per thread (probe.BatchRunner)
+        run = run_probe(model, tokenizer, chunks, class_names, probe_options, on_chunk=keep)
+        run.runtime.update(runtime)
         outcome = ProbeOutcome(loaded, class_names, columns, run)
         diagnosis = diagnosis_from_outcome(outcome, name, f"({source}, {len(frame)} rows)", options)
     finally:

@@ -124,3 +124,22 @@ def test_bad_arguments_raise_the_cli_s_messages(tiny_collapsed, call, error, mes
     with pytest.raises(error) as err:
         call(tiny_collapsed["model"], tiny_collapsed["tokenizer"])
     assert str(err.value).startswith(message)
+
+
+def test_diagnose_probes_batches_on_threads_to_the_same_numbers(tiny_trained):
+    """threads=3: three batches at once, one thread each; the statistics equal one batch at a time, the
+    metadata says how it ran, and torch's own thread setting is unchanged afterwards."""
+    import torch
+
+    frame = tiny_trained["eval_df"]
+    before = torch.get_num_threads()
+    runs = {n: collapse_detect.diagnose(tiny_trained["model"], tiny_trained["tokenizer"], frame, batch_size=8,
+                                        threads=n, keep_predictions=False) for n in (1, 3)}
+    assert torch.get_num_threads() == before
+    one, three = _stats_json(runs[1]), _stats_json(runs[3])
+    assert three["confusion"] == one["confusion"] and one["n"] == 200
+    assert three["balanced_accuracy"] == one["balanced_accuracy"] > 0.5
+    assert three["mean_nll"] == pytest.approx(one["mean_nll"], rel=1e-6)
+    assert three["tokenization"] == one["tokenization"]
+    assert (runs[1].metadata["threads"], runs[3].metadata["threads"]) == (1, 3)
+    assert runs[3].metadata["threads_reason"] == "diagnose(threads=...)"
