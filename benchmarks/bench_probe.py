@@ -12,8 +12,9 @@ Prints side by side (each method runs in its own subprocess, so peak RSS is its 
 
 for each: rows/s, ratio to the pipeline, useful GFLOP/s (forward FLOPs from the model's shapes and the real,
 unpadded token counts) and its share of an fp32 matmul peak measured in the same run, padded/real tokens, and
-peak RSS. A second table runs the probe with a busy-loop process pinned to one core ("noisy neighbour") under
-several thread settings.
+peak RSS. Then the whole command (``collapse-detect MODEL DATA``, a fresh process, every output) on the same
+rows, with the probe's share of its time. A second table runs the probe with a busy-loop process pinned to one
+core ("noisy neighbour") under several thread settings.
 
 The model is a randomly initialised MiniLM-L6-sized BERT (hidden 384, 6 layers, 12 heads, intermediate 1536,
 vocab 30522) with a WordPiece tokenizer trained on a generated corpus; rows have mixed lengths (median ~37
@@ -331,6 +332,7 @@ def main() -> None:
     ap.add_argument("--methods", default="pipeline,per-row,probe,probe intra-op,probe+head,probe bf16")
     ap.add_argument("--neighbour-rows", type=int, default=400, help="rows per run in the noisy-neighbour table")
     ap.add_argument("--skip-neighbour", action="store_true")
+    ap.add_argument("--skip-cli", action="store_true", help="skip timing the whole command end to end")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method in each worker (best counts)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all methods, in alternating order; each "
                     "method's best round counts (default 2)")
@@ -416,6 +418,8 @@ def main() -> None:
             print(f"targets ({name}): probe >= 3.5x pipeline: {x:.2f}x ({'met' if x >= 3.5 else 'MISSED'}); "
                   f"probe >= 0.70 of fp32 peak: {frac:.2f} ({'met' if frac >= 0.7 else 'MISSED'})")
 
+    if not args.skip_cli:
+        _cli_end_to_end(root, args)
     if args.skip_neighbour:
         return
     configs = [("1 thread", {"OMP_WAIT_POLICY": "PASSIVE"}, 1, "probe"),
@@ -443,6 +447,30 @@ def main() -> None:
     for label, idle, lat_idle, busy, lat_busy in table:
         print(f"{label:<44}{idle:>12.1f}{lat_idle:>9.1f}{busy:>12.1f}{lat_busy:>9.1f}{busy / idle:>10.2f}"
               f"   (busy: {busy / one_busy:.2f}x of 1 thread)")
+
+
+def _cli_end_to_end(root: Path, args) -> None:
+    """The whole command a CI job runs on the same rows (a fresh process: imports, loading, probe with head
+    gradient norms, the evidence passes, every report file), and the probe's share of it."""
+    data = root / (f"eval_{args.rows}.csv" if args.rows else "eval.csv")
+    cmd = [sys.executable, "-m", "collapse_detect", str(root / "model"), str(data), "--quiet"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    best = None
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-cli-") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd + ["--out", out], capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode not in (0, 1):  # 1: the random fixture model is judged collapsed
+                raise SystemExit(f"the CLI failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+            meta = json.loads((Path(out) / "summary.json").read_text())["metadata"]
+        if best is None or wall < best[0]:
+            best = (wall, meta["probe_seconds"], meta["rows"])
+    wall, probe_s, rows = best
+    print(f"\nCLI end to end (collapse-detect MODEL DATA: fresh process, every output file; best of {args.rounds}): "
+          f"{wall:.1f} s for {rows} rows = {rows / wall:.1f} rows/s; the probe {probe_s:.1f} s of it, the rest is "
+          "start-up, loading, the evidence passes and the report")
 
 
 def _median_tokens(root: Path, rows: int | None) -> str:
