@@ -174,7 +174,7 @@ def forward_logits(model, rows: list[list[int]], pad_id: int, *, batch_size: int
             if out is None:
                 out = np.empty((len(rows), logits.shape[1]))
             out[batch_idx] = logits
-    return out
+    return out if out is not None else np.empty((0, int(model.config.num_labels)))
 
 
 def _encode(tokenizer, texts, pairs, max_length):

@@ -330,6 +330,7 @@ def test_forward_logits_batches_like_the_probe_and_keeps_row_order(tiny):
         got = forward_logits(model, rows, 0, batch_size=16, max_tokens=200, workers=workers)
         np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
     assert torch.get_num_threads() == 1  # the fixture's setting, back after the workers
+    assert forward_logits(model, [], 0, workers=2).shape == (0, 3)
 
 
 def test_null_input_probe_reuses_the_probe_rows_to_the_same_numbers(tiny):
