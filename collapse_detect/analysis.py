@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from joblib import parallel_backend
 from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -14,10 +15,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
-def linear_probe(features: np.ndarray, gold: np.ndarray, *, folds: int = 5, seed: int = 0) -> dict | None:
+def linear_probe(features: np.ndarray, gold: np.ndarray, *, folds: int = 5, seed: int = 0,
+                 threads: int = 1) -> dict | None:
     """Balanced accuracy of a class-balanced logistic regression on the model's own pooled features,
     out of fold (stratified k-fold). High while the model's own balanced accuracy is low: the head or its
-    threshold collapsed and a post-hoc fix can work. Near chance too: the representation collapsed."""
+    threshold collapsed and a post-hoc fix can work. Near chance too: the representation collapsed.
+    ``threads``: folds fitted at once (threads in this process; each fit is deterministic, so the result is the
+    same for any number)."""
     classes, counts = np.unique(gold, return_counts=True)
     usable = classes[counts >= 2]
     keep = np.isin(gold, usable)
@@ -29,7 +33,8 @@ def linear_probe(features: np.ndarray, gold: np.ndarray, *, folds: int = 5, seed
         return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, C=1.0))
     cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(clf, x, y, cv=cv)
+    with parallel_backend("threading", n_jobs=max(1, int(threads))):
+        pred = cross_val_predict(clf, x, y, cv=cv, n_jobs=max(1, int(threads)))
     return {"balanced_accuracy": float(balanced_accuracy_score(y, pred)), "rows": int(len(y)), "folds": n_folds,
             "chance": 1.0 / len(usable)}
 

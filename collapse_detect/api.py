@@ -194,7 +194,8 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     if args_file.is_file():
         evidence["training_args"] = _training_args(args_file, options.allow_pickle)
     if "features" in sample:
-        evidence["linear_probe"] = analysis.linear_probe(sample["features"], sample["gold"], seed=options.seed)
+        evidence["linear_probe"] = analysis.linear_probe(sample["features"], sample["gold"], seed=options.seed,
+                                                         threads=outcome.run.runtime.get("threads", 1))
         evidence["geometry"] = analysis.representation_geometry(sample["features"])
     batching = {"batch_size": options.batch_size, "max_tokens": options.max_tokens_per_batch,
                 "workers": outcome.run.runtime.get("threads", 1)}  # as the probe ran (BatchRunner)

@@ -369,3 +369,21 @@ def test_one_blas_thread_limits_numpy_blas_inside_the_block_only():
     with one_blas_thread():
         assert set(blas_threads().values()) == {1}
     assert blas_threads() == before
+
+
+def test_linear_probe_gives_the_same_answer_on_any_number_of_threads():
+    """Folds fitted on 1 or 3 threads (one BLAS thread, as the CLI runs it): the same out-of-fold balanced
+    accuracy; informative features score high, shuffled labels near chance."""
+    from collapse_detect.analysis import linear_probe
+    from collapse_detect.runtime import one_blas_thread
+
+    rng = np.random.default_rng(4)
+    gold = np.repeat([0, 1, 2], [240, 80, 80])
+    features = rng.normal(size=(400, 24)) + 2.0 * np.eye(3, 24)[gold]
+    with one_blas_thread():
+        one = linear_probe(features, gold, threads=1)
+        three = linear_probe(features, gold, threads=3)
+        noise = linear_probe(features, rng.permutation(gold), threads=3)
+    assert one == three
+    assert one["folds"] == 5 and one["rows"] == 400 and one["balanced_accuracy"] > 0.75
+    assert abs(noise["balanced_accuracy"] - 1 / 3) < 0.1
