@@ -123,7 +123,10 @@ class Accumulator:
         self.logodds_m2 = np.zeros(k)
         self.nll_sum = 0.0
         self.conf_hist = np.zeros((k, CONF_BINS), dtype=np.int64)
-        self.score_hist = np.zeros((k, k, SCORE_BINS), dtype=np.int64)  # [score class, gold class, bin]
+        # one-vs-rest score histograms: [score class, bin] over every row, and over the rows of that gold class
+        # (2 x k x bins: a k x k x bins table by gold class was 2 GB at 300 classes)
+        self.score_hist = np.zeros((k, SCORE_BINS), dtype=np.int64)
+        self.score_hist_pos = np.zeros((k, SCORE_BINS), dtype=np.int64)
         self.calib_count = np.zeros(CALIBRATION_BINS, dtype=np.int64)
         self.calib_correct = np.zeros(CALIBRATION_BINS, dtype=np.int64)
         self.calib_conf_sum = np.zeros(CALIBRATION_BINS)
@@ -155,8 +158,10 @@ class Accumulator:
         np.add.at(self.calib_correct, cal, (pred == gold).astype(np.int64))
         np.add.at(self.calib_conf_sum, cal, conf)
         bins = _bin(scores, *SCORE_RANGE, SCORE_BINS)
-        for c in range(k):
-            np.add.at(self.score_hist[c], (gold, bins[:, c]), 1)
+        self.score_hist += np.bincount((np.arange(k) * SCORE_BINS + bins).ravel(),
+                                       minlength=k * SCORE_BINS).reshape(k, SCORE_BINS)
+        self.score_hist_pos += np.bincount(gold * SCORE_BINS + bins[np.arange(n), gold],
+                                           minlength=k * SCORE_BINS).reshape(k, SCORE_BINS)
         priority = row_priority(row_ids, self.seed)
         arrays = dict(row_id=np.asarray(row_ids, dtype=np.int64), gold=gold, probs=probs.astype(np.float32),
                       logits=logits.astype(np.float32))
@@ -194,7 +199,7 @@ class Accumulator:
         self._merge_moments("prob", other.n, other.prob_sum, other.prob_m2)
         self._merge_moments("logodds", other.n, other.logodds_sum, other.logodds_m2)
         self.n += other.n
-        for name in ("confusion", "prob_sum_by_pred", "conf_hist", "score_hist",
+        for name in ("confusion", "prob_sum_by_pred", "conf_hist", "score_hist", "score_hist_pos",
                      "calib_count", "calib_correct", "calib_conf_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.nll_sum += other.nll_sum
@@ -214,13 +219,25 @@ def _bin(x: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
 
 
 def log_odds(logits: np.ndarray) -> np.ndarray:
-    """log(p_c / (1 - p_c)) for every class, computed from logits so it does not saturate at p -> 1."""
-    logits = np.asarray(logits, dtype=np.float64)
-    n, k = logits.shape
-    out = np.empty_like(logits)
-    for c in range(k):
-        others = np.delete(logits, c, axis=1)
-        out[:, c] = logits[:, c] - (logsumexp(others, axis=1) if k > 1 else -np.inf)
+    """log(p_c / (1 - p_c)) for every class, computed from logits so it does not saturate at p -> 1.
+
+    z_c - log(sum over j != c of exp(z_j)) in O(rows x classes): for a class below the row's top logit m the
+    sum is S - exp(z_c - m) with S = sum_j exp(z_j - m), which keeps the top class's exp(0) = 1, so nothing
+    cancels; the top class's own sum is taken over the other classes directly, shifted by the runner-up."""
+    z = np.asarray(logits, dtype=np.float64)
+    n, k = z.shape
+    if k == 1:
+        return np.full_like(z, np.inf)
+    rows = np.arange(n)
+    top = z.argmax(axis=1)
+    m1 = z[rows, top]
+    others = z.copy()
+    others[rows, top] = -np.inf
+    m2 = others.max(axis=1)
+    e1 = np.exp(z - m1[:, None])
+    with np.errstate(divide="ignore"):
+        out = z - m1[:, None] - np.log(e1.sum(axis=1, keepdims=True) - e1)
+        out[rows, top] = m1 - m2 - np.log(np.exp(others - m2[:, None]).sum(axis=1))
     return out
 
 
@@ -393,8 +410,8 @@ def compute_stats(acc: Accumulator) -> dict:
     mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
     auc = []
     for c in range(k):
-        pos = acc.score_hist[c, c]
-        neg = acc.score_hist[c].sum(axis=0) - pos
+        pos = acc.score_hist_pos[c]
+        neg = acc.score_hist[c] - pos
         auc.append(auc_from_histograms(pos, neg))
     present_auc = [a for a in auc if a is not None]
     top = int(share.argmax())

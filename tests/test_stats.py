@@ -83,6 +83,47 @@ def test_roc_auc_from_histograms_matches_sklearn():
         assert s["per_class"][c]["roc_auc"] == pytest.approx(exact, abs=2e-3)
 
 
+def test_many_classes_keep_the_accumulator_small_and_auc_exact():
+    """300 classes, streamed in two merged halves: the accumulator's arrays stay a few MB (a score histogram
+    by gold class was k x k x bins, 2 GB here) and every class's one-vs-rest AUC matches sklearn."""
+    rng = np.random.default_rng(3)
+    n, k = 3000, 300
+    gold = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), gold] += 2.0
+    names = [f"c{i}" for i in range(k)]
+    acc, other = Accumulator(names), Accumulator(names)
+    acc.update(np.arange(n // 2), gold[: n // 2], logits[: n // 2])
+    other.update(np.arange(n // 2, n), gold[n // 2:], logits[n // 2:])
+    acc.merge(other)
+    arrays = sum(v.nbytes for v in vars(acc).values() if isinstance(v, np.ndarray))
+    assert arrays < 30e6
+    s = compute_stats(acc)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for c in np.unique(gold)[::15]:
+        exact = skm.roc_auc_score(gold == c, probs[:, c])
+        assert s["per_class"][c]["roc_auc"] == pytest.approx(exact, abs=2e-3)
+
+
+def test_log_odds_equals_the_definition_without_saturating():
+    """log(p_c / (1 - p_c)) = z_c - logsumexp(z_j, j != c), also where p_c rounds to 1 in float64, for tied top
+    classes and constant rows; 2 to 300 classes."""
+    from scipy.special import logsumexp
+
+    from collapse_detect.stats import log_odds
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 50, 300):
+        z = rng.normal(size=(200, k)) * rng.choice([0.1, 1.0, 100.0], size=(200, 1))
+        z[::7, 0] += 800.0  # p_0 = 1 - 1e-348: float64 probabilities saturate here
+        z[::11] = 0.0
+        z[::13, :2] = 5.0
+        want = np.stack([z[:, c] - logsumexp(np.delete(z, c, axis=1), axis=1) for c in range(k)], axis=1)
+        got = log_odds(z)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert got[7, 0] > 400 and np.isfinite(got).all()  # log(p / (1 - p)) from rounded p: inf
+
+
 def test_constant_scores_give_auc_one_half_and_zero_spread():
     acc = Accumulator(["a", "b"])
     acc.update(np.arange(50), np.array([0, 1] * 25), np.tile([[2.0, 0.0]], (50, 1)))
