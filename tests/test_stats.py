@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from collapse_detect import stats as S
 from collapse_detect.stats import Accumulator, compute_stats
 
-from helpers import logits_for
+from helpers import logits_for, stats_for
 
 
 def _two_class_stats():
@@ -220,3 +220,32 @@ def test_balanced_accuracy_test_flags_chance_and_passes_skill():
     skill = S.balanced_accuracy_test([0.9, 0.85, 0.8], [100, 50, 50])
     assert skill["gain"] == pytest.approx(0.85 - 1 / 3)
     assert skill["p_value"] < 1e-6
+
+
+def test_plots_of_300_classes_draw_the_largest_and_the_collapsed_onto_class():
+    """A figure per class used to grow with the classes (the 300-class confusion matrix was 18,000 pixels a
+    side, 9 GB of RSS): now at most 30 classes are drawn, the largest by gold or predicted rows, so a rare class
+    the model collapses onto is among them, and the rest are summed into one row and column."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from collapse_detect.report.plots import _shown, all_plots
+
+    rng = np.random.default_rng(5)
+    k = 300
+    gold = np.minimum(rng.zipf(1.3, 3000) - 1, k - 1)
+    pred = np.full(3000, 241)  # a class with almost no gold rows takes every prediction
+    assert (gold == 241).sum() < 5
+    stats = stats_for(gold, pred, k)
+    ids, note = _shown(stats)
+    assert len(ids) == 30 and 241 in ids and 0 in ids
+    assert note == "\n30 of 300 classes, largest by gold or predicted rows"
+    assert 241 in _shown(stats, limit=12, by="predicted")[0]
+    plots = all_plots(stats)
+    assert {"prior_vs_predicted.png", "recall_by_class.png", "confusion_matrix.png"} <= set(plots)
+    for name, png in plots.items():
+        h, w = plt.imread(io.BytesIO(png)).shape[:2]
+        assert h <= 2600 and w <= 2600, (name, h, w)
+    ids, note = _shown(stats_for(gold % 3, pred % 3, 3))
+    assert ids.tolist() == [0, 1, 2] and note == ""

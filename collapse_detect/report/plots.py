@@ -24,26 +24,49 @@ def _labels(names: list[str], width: int = 18) -> list[str]:
     return [n if len(n) <= width else n[: width - 1] + "…" for n in names]
 
 
+MAX_CLASSES = 30  # classes drawn per plot; with more, the largest classes (a figure grows with them)
+
+
+def _shown(stats: dict, limit: int = MAX_CLASSES, by: str = "gold or predicted") -> tuple[np.ndarray, str]:
+    """Class ids to draw, in id order: all of them, or the ``limit`` with the most rows ``by`` "gold or
+    predicted" (the larger of the two counts, so a class the model collapses onto is always drawn) or
+    "predicted"; ties: the lower id. And a title suffix saying so."""
+    support = np.asarray([c["support"] for c in stats["per_class"]])
+    predicted = np.asarray([c["predicted"] for c in stats["per_class"]])
+    k = len(support)
+    if k <= limit:
+        return np.arange(k), ""
+    size = predicted if by == "predicted" else np.maximum(support, predicted)
+    order = np.lexsort((np.arange(k), -size))
+    return np.sort(order[:limit]), f"\n{limit} of {k} classes, largest by {by} rows"
+
+
+def _width(n: int) -> float:
+    return max(5.0, 0.7 * n + 2)
+
+
 def prior_vs_predicted(stats: dict) -> bytes:
-    names = _labels(stats["class_names"])
+    ids, note = _shown(stats)
+    names = _labels([stats["class_names"][i] for i in ids])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
-    ax.bar(x - 0.2, stats["label_prior"], 0.4, label="label prior (gold)", color=COLORS["prior"])
-    ax.bar(x + 0.2, stats["prediction_share"], 0.4, label="predicted share", color=COLORS["pred"])
+    fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
+    ax.bar(x - 0.2, np.asarray(stats["label_prior"])[ids], 0.4, label="label prior (gold)", color=COLORS["prior"])
+    ax.bar(x + 0.2, np.asarray(stats["prediction_share"])[ids], 0.4, label="predicted share", color=COLORS["pred"])
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylabel("share of rows")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Predicted vs gold distribution (total variation {stats['total_variation']:.2f})")
+    ax.set_title(f"Predicted vs gold distribution (total variation {stats['total_variation']:.2f}){note}")
     ax.legend(frameon=False)
     return _png(fig)
 
 
 def recall_by_class(stats: dict, floor: float = 0.5) -> bytes:
-    per = stats["per_class"]
+    ids, note = _shown(stats)
+    per = [stats["per_class"][i] for i in ids]
     names = _labels([c["class"] for c in per])
     recall = [c["recall"] for c in per]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.bar(x, recall, 0.6, color=[COLORS["ok"] if r >= floor else COLORS["bad"] for r in recall])
     ax.axhline(floor, color=COLORS["base"], ls="--", lw=1, label=f"floor {floor:.2f}")
     for i, c in enumerate(per):
@@ -51,16 +74,23 @@ def recall_by_class(stats: dict, floor: float = 0.5) -> bytes:
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylim(0, 1.25)
     ax.set_ylabel("recall")
-    ax.set_title(f"Recall by class (balanced accuracy {stats['balanced_accuracy']:.2f})")
+    ax.set_title(f"Recall by class (balanced accuracy {stats['balanced_accuracy']:.2f}){note}")
     ax.legend(frameon=False, loc="upper right")
     return _png(fig)
 
 
 def confusion_matrix(stats: dict) -> bytes:
-    cm = np.asarray(stats["confusion"], dtype=float)
+    full = np.asarray(stats["confusion"], dtype=float)
+    ids, note = _shown(stats)
+    names = _labels([stats["class_names"][i] for i in ids], 14)
+    cm = full[np.ix_(ids, ids)]
+    if len(ids) < len(full):  # the classes not drawn, summed into one row and one column
+        rest = np.setdiff1d(np.arange(len(full)), ids)
+        cm = np.block([[cm, full[np.ix_(ids, rest)].sum(axis=1, keepdims=True)],
+                       [full[np.ix_(rest, ids)].sum(axis=0, keepdims=True), full[np.ix_(rest, rest)].sum()]])
+        names.append(f"({len(rest)} others)")
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    names = _labels(stats["class_names"], 14)
     k = len(names)
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * k + 2.5), max(3.5, 0.6 * k + 2)))
     im = ax.imshow(norm, cmap="Reds", vmin=0, vmax=1)
@@ -73,7 +103,7 @@ def confusion_matrix(stats: dict) -> bytes:
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    ax.set_title("Confusion matrix (colour: share of the gold row)")
+    ax.set_title(f"Confusion matrix (colour: share of the gold row){note}")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _png(fig)
 
@@ -83,14 +113,15 @@ def confidence_histogram(stats: dict) -> bytes:
     bins = stats["confidence_histogram"]["bins"]
     edges = np.linspace(0, 1, bins + 1)
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for c, name in enumerate(stats["class_names"]):
+    ids, note = _shown(stats, limit=12, by="predicted")
+    for c in ids:
         if counts[c].sum() == 0:
             continue
-        ax.step(edges[:-1], counts[c], where="post", label=_labels([name])[0])
+        ax.step(edges[:-1], counts[c], where="post", label=_labels([stats["class_names"][c]])[0])
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("rows")
     ax.set_xlim(0, 1)
-    ax.set_title("Confidence by predicted class")
+    ax.set_title(f"Confidence by predicted class{note}")
     ax.legend(frameon=False, fontsize=8)
     return _png(fig)
 
@@ -102,7 +133,9 @@ def gradient_norms(stats: dict, group: str) -> bytes | None:
     if not grad or not samples:
         return None
     names, data = [], []
-    for c, name in enumerate(stats["class_names"]):
+    ids, note = _shown(stats)
+    for c in ids:
+        name = stats["class_names"][c]
         values = np.asarray(samples[c], dtype=float)
         values = values[values > 0]
         if len(values):
@@ -110,12 +143,13 @@ def gradient_norms(stats: dict, group: str) -> bytes | None:
             data.append(values)
     if not data:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.boxplot(data, showfliers=True)
-    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 4 else 0,
+                  ha="right" if len(names) > 4 else "center")
     ax.set_yscale("log")
     ax.set_ylabel("per-example gradient norm")
-    ax.set_title(f"Gradient norm by gold class ({group})")
+    ax.set_title(f"Gradient norm by gold class ({group}){note}")
     return _png(fig)
 
 
@@ -123,17 +157,18 @@ def gradient_mass(stats: dict, group: str) -> bytes | None:
     grad = stats.get("gradients", {}).get(group)
     if not grad:
         return None
-    per = grad["per_class"]
+    ids, note = _shown(stats)
+    per = [grad["per_class"][i] for i in ids]
     names = _labels([c["class"] for c in per])
     mass = [c["mass_share"] or 0 for c in per]
     share = [c["example_share"] or 0 for c in per]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(names) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.bar(x - 0.2, share, 0.4, label="share of examples", color=COLORS["prior"])
     ax.bar(x + 0.2, mass, 0.4, label="share of gradient mass", color=COLORS["pred"])
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Who drives training: gradient mass vs examples ({group})")
+    ax.set_title(f"Who drives training: gradient mass vs examples ({group}){note}")
     ax.legend(frameon=False)
     return _png(fig)
 
