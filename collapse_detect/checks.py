@@ -77,6 +77,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+LISTED = 10  # items a finding's summary names; the evidence holds them all
+
+
+def listed(items: list[str], sep: str, limit: int = LISTED) -> str:
+    """``items`` joined, the first ``limit`` of them and then how many more there are."""
+    items = list(items)
+    more = len(items) - limit
+    return sep.join(items[:limit]) + (f"{sep}and {more} more" if more > 0 else "")
+
+
+def _largest_first(hit: list[dict], key: str = "support") -> list[dict]:
+    """Classes in id order, or by ``key`` (largest first) when the summary cannot name them all."""
+    return hit if len(hit) <= LISTED else sorted(hit, key=lambda c: -c[key])
+
+
 def _present(stats, min_support):
     return [c for c in stats["per_class"] if c["support"] >= min_support]
 
@@ -91,8 +106,8 @@ def class_never_predicted(stats, *, min_support: int = 5, max_share_ratio: float
     if not hit:
         return []
     names = [c["class"] for c in hit]
-    detail = "; ".join(f"{c['class']}: {c['predicted']} predicted for {c['support']} gold rows "
-                       f"(recall {c['recall']:.2f})" for c in hit)
+    detail = listed([f"{c['class']}: {c['predicted']} predicted for {c['support']} gold rows "
+                     f"(recall {c['recall']:.2f})" for c in _largest_first(hit)], "; ")
     return [Finding(
         "class_never_predicted", Severity.FAIL,
         f"{len(hit)} of {stats['k']} classes are (almost) never predicted: {detail}.",
@@ -174,7 +189,8 @@ def constant_output(stats, *, max_spread: float = 0.1):
     saturated but input-dependent model (a threshold collapse) is not called constant."""
     if stats["score_spread"] > max_spread:
         return []
-    mean_scores = ", ".join(f"{c['class']}={c['mean_score']:.3f}" for c in stats["per_class"])
+    mean_scores = listed([f"{c['class']}={c['mean_score']:.3f}"
+                          for c in _largest_first(stats["per_class"], "mean_score")], ", ")
     return [Finding(
         "constant_output", Severity.FAIL,
         f"The output barely moves across {stats['n']} rows (largest log-odds standard deviation "
@@ -196,7 +212,7 @@ def low_recall(stats, *, floor: float = 0.5, min_support: int = 5):
     hit = [c for c in _present(stats, min_support) if c["recall"] < floor]
     if not hit:
         return []
-    detail = ", ".join(f"{c['class']} {c['recall']:.2f} (n={c['support']})" for c in hit)
+    detail = listed([f"{c['class']} {c['recall']:.2f} (n={c['support']})" for c in _largest_first(hit)], ", ")
     return [Finding(
         "low_recall", Severity.WARN, f"Recall below {floor:.2f} for {len(hit)} class(es): {detail}.",
         evidence={c["class"]: {"recall": c["recall"], "support": c["support"], "f1": c["f1"]} for c in hit},
@@ -482,7 +498,7 @@ def minority_gradient_ratio(stats, *, max_ratio: float = 5.0, min_support: int =
     if not hit:
         return []
     majority = stats["majority_baseline"]["class"]
-    detail = ", ".join(f"{c['class']} {c['ratio_to_majority']:.1f}x" for c in hit)
+    detail = listed([f"{c['class']} {c['ratio_to_majority']:.1f}x" for c in _largest_first(hit, "n")], ", ")
     return [Finding(
         "minority_gradient_ratio", Severity.WARN,
         f"Mean gradient norm ({group}) relative to the majority class '{majority}': {detail}.",

@@ -218,6 +218,22 @@ def _bin(x: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     return np.clip(idx, 0, bins - 1)
 
 
+MAX_CLASSES = 30  # classes a plot or the terminal table shows; with more, the largest (stats stay complete)
+
+
+def classes_to_show(stats: dict, limit: int = MAX_CLASSES, by: str = "gold or predicted") -> np.ndarray:
+    """Class ids to show, in id order: all of them, or the ``limit`` with the most rows ``by`` "gold or
+    predicted" (the larger of the two counts, so a class the model collapses onto is always shown) or
+    "predicted"; ties: the lower id."""
+    support = np.asarray([c["support"] for c in stats["per_class"]])
+    predicted = np.asarray([c["predicted"] for c in stats["per_class"]])
+    k = len(support)
+    if k <= limit:
+        return np.arange(k)
+    size = predicted if by == "predicted" else np.maximum(support, predicted)
+    return np.sort(np.lexsort((np.arange(k), -size))[:limit])
+
+
 def log_odds(logits: np.ndarray) -> np.ndarray:
     """log(p_c / (1 - p_c)) for every class, computed from logits so it does not saturate at p -> 1.
 

@@ -130,3 +130,27 @@ def test_fix_for_collapse_names_computed_class_weights():
     weights = never.fix.values["class_weights"]
     assert weights == pytest.approx({"sports": 200 / (3 * 120), "politics": 200 / 120, "business": 200 / 120})
     assert "CLASS_WEIGHTS = [0.5556, 1.667, 1.667]" in never.fix.code
+
+
+def test_many_classes_keep_summaries_and_the_terminal_short():
+    """300 classes, all rows predicted as one rare class: each summary names at most 10 classes (the largest
+    first) and says how many more; the evidence keeps all of them; the terminal shows 30 classes and says so."""
+    from collapse_detect.api import RunOptions, judge
+    from collapse_detect.checks import listed
+    from collapse_detect.report.render import render_terminal
+
+    assert listed(["a", "b", "c"], ", ", limit=2) == "a, b, and 1 more"
+    assert listed(["a", "b"], "; ", limit=2) == "a; b"
+    rng = np.random.default_rng(5)
+    gold = np.minimum(rng.zipf(1.3, 3000) - 1, 299)
+    stats = stats_for(gold, np.full(3000, 241), 300)
+    never = next(f for f in run_checks(stats) if f.check_id == "class_never_predicted")
+    hit = len(never.evidence)
+    assert hit > 10 and never.summary.endswith(f"and {hit - 10} more.")
+    named = [part.split(":")[0] for part in never.summary.split(": ", 1)[1].split("; ")[:10]]
+    support = {c["class"]: c["support"] for c in stats["per_class"]}
+    assert [support[n] for n in named] == sorted((support[n] for n in never.evidence), reverse=True)[:10]
+    text = render_terminal(judge(stats, {}, RunOptions()), None)
+    table = [line for line in text.splitlines() if line.startswith("  c") and not line.startswith("  class")]
+    assert len(table) == 30 and any(line.split()[0] == "c241" for line in table)
+    assert "(30 of 300 classes, the largest by gold or predicted rows;" in text

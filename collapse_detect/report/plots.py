@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..stats import MAX_CLASSES, classes_to_show  # noqa: E402
+
 COLORS = {"prior": "#9aa5b1", "pred": "#d64545", "ok": "#3f8f5a", "bad": "#d64545", "base": "#555"}
 
 
@@ -24,21 +26,11 @@ def _labels(names: list[str], width: int = 18) -> list[str]:
     return [n if len(n) <= width else n[: width - 1] + "…" for n in names]
 
 
-MAX_CLASSES = 30  # classes drawn per plot; with more, the largest classes (a figure grows with them)
-
-
 def _shown(stats: dict, limit: int = MAX_CLASSES, by: str = "gold or predicted") -> tuple[np.ndarray, str]:
-    """Class ids to draw, in id order: all of them, or the ``limit`` with the most rows ``by`` "gold or
-    predicted" (the larger of the two counts, so a class the model collapses onto is always drawn) or
-    "predicted"; ties: the lower id. And a title suffix saying so."""
-    support = np.asarray([c["support"] for c in stats["per_class"]])
-    predicted = np.asarray([c["predicted"] for c in stats["per_class"]])
-    k = len(support)
-    if k <= limit:
-        return np.arange(k), ""
-    size = predicted if by == "predicted" else np.maximum(support, predicted)
-    order = np.lexsort((np.arange(k), -size))
-    return np.sort(order[:limit]), f"\n{limit} of {k} classes, largest by {by} rows"
+    """The classes a plot draws and a title line saying so (stats.classes_to_show)."""
+    ids = classes_to_show(stats, limit, by)
+    k = len(stats["per_class"])
+    return ids, "" if len(ids) == k else f"\n{limit} of {k} classes, largest by {by} rows"
 
 
 def _width(n: int) -> float:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ..checks import REGISTRY, Severity
+from ..checks import REGISTRY, Severity, listed
 from ..diagnosis import Diagnosis
+from ..stats import classes_to_show
 
 _env = Environment(loader=PackageLoader("collapse_detect", "report/templates"),
                    autoescape=select_autoescape(default=True, default_for_string=True), trim_blocks=True,
@@ -125,7 +126,7 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     out = [f"collapse-detect: {d['verdict']}  ({s['n']} rows, {s['k']} classes; accuracy {s['accuracy']:.3f}, "
            f"balanced accuracy {s['balanced_accuracy']:.3f}, majority baseline {s['majority_baseline']['accuracy']:.3f})"]
     if d["collapsed_classes"]:
-        out.append("collapsed class(es): " + ", ".join(d["collapsed_classes"]))
+        out.append("collapsed class(es): " + listed(d["collapsed_classes"], ", "))
     rc = diagnosis.root_cause
     if rc:
         out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']})")
@@ -133,10 +134,14 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     width = min(width, 24)
     out.append("")
     out.append(f"  {'class':<{width}}  {'support':>7}  {'prior':>6}  {'pred':>6}  {'recall':>6}  {'F1':>5}")
-    for c in s["per_class"]:
+    shown = classes_to_show(s)
+    for c in (s["per_class"][i] for i in shown):
         name = c["class"] if len(c["class"]) <= width else c["class"][: width - 1] + "~"
         out.append(f"  {name:<{width}}  {c['support']:>7}  {c['prior']:>6.3f}  {c['prediction_share']:>6.3f}  "
                    f"{c['recall']:>6.3f}  {c['f1']:>5.3f}")
+    if len(shown) < s["k"]:
+        out.append(f"  ({len(shown)} of {s['k']} classes, the largest by gold or predicted rows; every class is in "
+                   "summary.md and report.html)")
     out.append("")
     for f in diagnosis.findings:
         out.append(f"  [{SEVERITY_ICON[f.severity.value]:<5}] {f.check_id}: {f.summary}")
