@@ -30,7 +30,7 @@ TINY = dict(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_
             max_position_embeddings=64)
 
 
-def build_model(out: Path, seed: int = 0) -> tuple[Path, list[str]]:
+def build_model(out: Path, seed: int = 0, labels: list[str] = LABELS) -> tuple[Path, list[str]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_probe import _lexicon, make_tokenizer
     import random
@@ -45,17 +45,19 @@ def build_model(out: Path, seed: int = 0) -> tuple[Path, list[str]]:
     torch.manual_seed(seed)
     cfg = dict(TINY, vocab_size=max(TINY["vocab_size"], len(tokenizer)))
     model = BertForSequenceClassification(BertConfig(
-        **cfg, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        **cfg, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
         pad_token_id=tokenizer.pad_token_id))
     with torch.no_grad():  # spread the random head so predictions vary across rows and classes
         model.classifier.weight.mul_(20.0)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    return out / "model", lexicon
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, lexicon
 
 
-def write_csv(path: Path, rows: int, lexicon: list[str], seed: int = 0, block: int = 100_000) -> None:
-    """Short texts (4-14 words), labels 60/20/20, written in blocks (the writer streams too)."""
+def write_csv(path: Path, rows: int, lexicon: list[str], seed: int = 0, block: int = 100_000,
+              labels: list[str] = LABELS, prior: list[float] = (0.6, 0.2, 0.2)) -> None:
+    """Short texts (4-14 words), labels drawn with ``prior`` (60/20/20), written in blocks (the writer streams
+    too)."""
     rng = np.random.default_rng(seed)
     words = np.asarray(lexicon[:2000])
     with open(path, "w", encoding="utf-8") as f:
@@ -65,8 +67,8 @@ def write_csv(path: Path, rows: int, lexicon: list[str], seed: int = 0, block: i
             lengths = rng.integers(4, 15, size=n)
             picks = words[rng.integers(0, len(words), size=int(lengths.sum()))]
             cuts = np.cumsum(lengths)[:-1]
-            labels = np.asarray(LABELS)[rng.choice(3, size=n, p=[0.6, 0.2, 0.2])]
-            f.writelines(f"{' '.join(t)},{lab}\n" for t, lab in zip(np.split(picks, cuts), labels))
+            gold = np.asarray(labels)[rng.choice(len(labels), size=n, p=prior)]
+            f.writelines(f"{' '.join(t)},{lab}\n" for t, lab in zip(np.split(picks, cuts), gold))
 
 
 def run_cli(model: Path, data: Path, out: Path, extra: list[str]) -> dict:
@@ -104,7 +106,7 @@ def main() -> None:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-streaming-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        model, lexicon = build_model(root)
+        model, lexicon = build_model(root / "model")
         results = []
         for rows in sorted(args.rows):
             data = root / f"eval_{rows}.csv"

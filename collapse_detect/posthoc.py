@@ -18,7 +18,11 @@ TAU_GRID = np.round(np.arange(0.0, 5.01, 0.1), 2)
 
 
 def _balanced_accuracy(gold, pred, labels) -> float:
-    return _scores(gold, pred, labels)[1]
+    """Mean recall over ``labels`` (what _scores gives, without the confusion matrix: it runs per candidate)."""
+    k = max(labels) + 1
+    tp = np.bincount(gold[gold == pred], minlength=k)[labels].astype(float)
+    support = np.bincount(gold, minlength=k)[labels].astype(float)
+    return float(np.divide(tp, support, out=np.zeros_like(tp), where=support > 0).mean())
 
 
 def fit_logit_adjustment(logits, gold, log_prior, labels) -> np.ndarray:
@@ -32,21 +36,27 @@ def fit_logit_adjustment(logits, gold, log_prior, labels) -> np.ndarray:
 
 def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 64) -> np.ndarray:
     k = logits.shape[1]
+    rows = np.arange(len(logits))
     offsets = np.zeros(k)
     best = _balanced_accuracy(gold, logits.argmax(1), labels)
     for _ in range(rounds):
         improved = False
         for c in range(k):
             adjusted = logits + offsets
-            others = np.delete(adjusted, c, axis=1).max(axis=1)
+            adjusted[:, c] = -np.inf
+            rival = adjusted.argmax(axis=1)  # the best other class of each row (first on ties, as argmax)
+            others = adjusted[rows, rival]
             # the offsets at which a row's decision flips to or from class c
             gap = others - logits[:, c]
             grid = np.unique(np.quantile(gap, np.linspace(0, 1, candidates))) + 1e-6
             for value in grid:
-                trial = offsets.copy()
-                trial[c] = value
-                score = _balanced_accuracy(gold, (logits + trial).argmax(1), labels)
+                # only class c's offset moves: a row goes to c or stays with its rival (argmax(logits + trial))
+                score_c = logits[:, c] + value
+                to_c = (score_c > others) | ((score_c == others) & (c < rival))
+                score = _balanced_accuracy(gold, np.where(to_c, c, rival), labels)
                 if score > best + 1e-12:
+                    trial = offsets.copy()
+                    trial[c] = value
                     best, offsets, improved = score, trial, True
         if not improved:
             break
