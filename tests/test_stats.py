@@ -249,3 +249,45 @@ def test_plots_of_300_classes_draw_the_largest_and_the_collapsed_onto_class():
         assert h <= 2600 and w <= 2600, (name, h, w)
     ids, note = _shown(stats_for(gold % 3, pred % 3, 3))
     assert ids.tolist() == [0, 1, 2] and note == ""
+
+
+def test_bias_tuning_scores_each_candidate_as_the_full_argmax_would():
+    """fit_bias_tuning scores a candidate offset for class c by moving rows only between c and their best
+    other class; the offsets equal those of re-running argmax over every class for every candidate (ties
+    included: rounded logits, duplicated columns)."""
+    from collapse_detect.posthoc import _balanced_accuracy, fit_bias_tuning
+
+    def by_full_argmax(logits, gold, labels, rounds=3, candidates=64):
+        k = logits.shape[1]
+        offsets = np.zeros(k)
+        best = _balanced_accuracy(gold, logits.argmax(1), labels)
+        for _ in range(rounds):
+            improved = False
+            for c in range(k):
+                others = np.delete(logits + offsets, c, axis=1).max(axis=1)
+                grid = np.unique(np.quantile(others - logits[:, c], np.linspace(0, 1, candidates))) + 1e-6
+                for value in grid:
+                    trial = offsets.copy()
+                    trial[c] = value
+                    score = _balanced_accuracy(gold, (logits + trial).argmax(1), labels)
+                    if score > best + 1e-12:
+                        best, offsets, improved = score, trial, True
+            if not improved:
+                break
+        return offsets - offsets.mean()
+
+    rng = np.random.default_rng(0)
+    moved = 0
+    for case in range(12):
+        k, n = int(rng.integers(2, 9)), int(rng.integers(30, 300))
+        gold = rng.integers(0, k, n)
+        logits = rng.normal(size=(n, k)) + 2 * rng.normal(size=k)
+        if case % 3 == 0:
+            logits = np.round(logits, 1)
+        if case % 4 == 0:
+            logits[:, 1] = logits[:, 0]
+        labels = sorted(set(gold.tolist()))
+        got = fit_bias_tuning(logits, gold, labels)
+        np.testing.assert_array_equal(got, by_full_argmax(logits, gold, labels))
+        moved += bool(np.abs(got).max() > 0)
+    assert moved >= 10  # the offsets do move in most cases
