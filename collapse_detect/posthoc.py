@@ -35,29 +35,52 @@ def fit_logit_adjustment(logits, gold, log_prior, labels) -> np.ndarray:
 
 
 def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 64) -> np.ndarray:
+    """Coordinate ascent on balanced accuracy: per class, the best of ``candidates`` offsets (quantiles of the
+    margins at which rows flip), taken in order and kept when it improves by more than 1e-12.
+
+    Moving class c's offset only moves rows between c and their best other class, so every candidate's
+    balanced accuracy comes from one matrix product: rows x candidates decisions (argmax's tie order kept)
+    against each row's gain (gold c, now right) or loss (gold = its other class, now wrong)."""
     k = logits.shape[1]
     rows = np.arange(len(logits))
+    support = np.bincount(gold, minlength=k).astype(float)
+    weight = np.zeros(len(support))
+    weight[labels] = np.divide(1.0, support[labels], out=np.zeros(len(labels)), where=support[labels] > 0)
+    row_weight = weight[gold] / len(labels)  # a row's share of the balanced accuracy when it is right
     offsets = np.zeros(k)
+    adjusted = logits + offsets
+    top = None  # each row's best and second-best class under ``adjusted`` (first index on ties, as argmax)
     best = _balanced_accuracy(gold, logits.argmax(1), labels)
     for _ in range(rounds):
         improved = False
         for c in range(k):
-            adjusted = logits + offsets
-            adjusted[:, c] = -np.inf
-            rival = adjusted.argmax(axis=1)  # the best other class of each row (first on ties, as argmax)
-            others = adjusted[rows, rival]
+            if top is None:
+                first = adjusted.argmax(axis=1)
+                rest = adjusted.copy()
+                rest[rows, first] = -np.inf
+                second = rest.argmax(axis=1)
+                top = first, adjusted[rows, first], second, rest[rows, second]
+            first, first_value, second, second_value = top
+            is_c = first == c
+            rival = np.where(is_c, second, first)  # the best other class of each row
+            others = np.where(is_c, second_value, first_value)
             # the offsets at which a row's decision flips to or from class c
             gap = others - logits[:, c]
             grid = np.unique(np.quantile(gap, np.linspace(0, 1, candidates))) + 1e-6
-            for value in grid:
-                # only class c's offset moves: a row goes to c or stays with its rival (argmax(logits + trial))
-                score_c = logits[:, c] + value
-                to_c = (score_c > others) | ((score_c == others) & (c < rival))
-                score = _balanced_accuracy(gold, np.where(to_c, c, rival), labels)
+            score_c = logits[:, c][:, None] + grid[None, :]  # rows x candidates, as logits + trial
+            to_c = (score_c > others[:, None]) | ((score_c == others[:, None]) & (c < rival)[:, None])
+            gain = np.where(gold == c, row_weight, 0.0)
+            loss = np.where(gold == rival, row_weight, 0.0)
+            scores = loss.sum() + (gain - loss) @ to_c
+            moved = False
+            for value, score in zip(grid, scores):
                 if score > best + 1e-12:
-                    trial = offsets.copy()
-                    trial[c] = value
-                    best, offsets, improved = score, trial, True
+                    best, moved, improved = float(score), True, True
+                    offsets = offsets.copy()
+                    offsets[c] = value
+            if moved:
+                adjusted[:, c] = logits[:, c] + offsets[c]
+                top = None
         if not improved:
             break
     return offsets - offsets.mean()
