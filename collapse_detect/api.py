@@ -193,12 +193,12 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     args_file = loaded.resolved.path / "training_args.bin"
     if args_file.is_file():
         evidence["training_args"] = _training_args(args_file, options.allow_pickle)
+    threads = outcome.run.runtime.get("threads", 1)  # as the probe ran (BatchRunner's workers)
     if "features" in sample:
         evidence["linear_probe"] = analysis.linear_probe(sample["features"], sample["gold"], seed=options.seed,
-                                                         threads=outcome.run.runtime.get("threads", 1))
+                                                         threads=threads)
         evidence["geometry"] = analysis.representation_geometry(sample["features"])
-    batching = {"batch_size": options.batch_size, "max_tokens": options.max_tokens_per_batch,
-                "workers": outcome.run.runtime.get("threads", 1)}  # as the probe ran (BatchRunner)
+    batching = {"batch_size": options.batch_size, "max_tokens": options.max_tokens_per_batch, "workers": threads}
     evidence["null_input"] = model_evidence.null_input_probe(loaded.model, loaded.tokenizer, acc,
                                                              outcome.class_names, seed=options.seed,
                                                              batching=batching,

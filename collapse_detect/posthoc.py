@@ -48,7 +48,7 @@ def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 
     weight[labels] = np.divide(1.0, support[labels], out=np.zeros(len(labels)), where=support[labels] > 0)
     row_weight = weight[gold] / len(labels)  # a row's share of the balanced accuracy when it is right
     offsets = np.zeros(k)
-    adjusted = logits + offsets
+    adjusted = logits.copy()  # logits + offsets
     top = None  # each row's best and second-best class under ``adjusted`` (first index on ties, as argmax)
     best = _balanced_accuracy(gold, logits.argmax(1), labels)
     for _ in range(rounds):
@@ -76,7 +76,6 @@ def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 
             for value, score in zip(grid, scores):
                 if score > best + 1e-12:
                     best, moved, improved = float(score), True, True
-                    offsets = offsets.copy()
                     offsets[c] = value
             if moved:
                 adjusted[:, c] = logits[:, c] + offsets[c]

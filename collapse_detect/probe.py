@@ -161,16 +161,19 @@ class BatchRunner:
             torch.set_num_threads(self._threads)  # the workers' setting is process-wide in torch
 
 
-def forward_logits(model, rows: list[list[int]], pad_id: int, *, batch_size: int = DEFAULT_BATCH_ROWS,
-                   max_tokens: int | None = DEFAULT_BATCH_TOKENS, workers: int = 1) -> np.ndarray:
-    """Logits (float64, in the given order) for rows of token ids, batched as the probe batches (sorted by
-    length, padded per batch, ``workers`` batches at once); every token of a row is attended."""
+def forward_logits(model, rows: list[list[int]], pad_id: int, *, token_type_ids: list | None = None,
+                   batch_size: int = DEFAULT_BATCH_ROWS, max_tokens: int | None = DEFAULT_BATCH_TOKENS,
+                   workers: int = 1) -> np.ndarray:
+    """Logits (float64, in the given order) for rows of token ids (and their token types), batched as the probe
+    batches (sorted by length, padded per batch, ``workers`` batches at once); every token of a row is
+    attended."""
     lengths = np.asarray([len(r) for r in rows])
+    enc = {"input_ids": rows} if token_type_ids is None else {"input_ids": rows, "token_type_ids": token_type_ids}
     out = None
     runner = BatchRunner(model, None, workers)
     with contextlib.closing(runner):
         for batch_idx, _, logits, _ in runner.run(make_batches(lengths, batch_size, max_tokens),
-                                                  lambda idx: _pad({"input_ids": rows}, idx, pad_id)):
+                                                  lambda idx: _pad(enc, idx, pad_id)):
             if out is None:
                 out = np.empty((len(rows), logits.shape[1]))
             out[batch_idx] = logits
@@ -295,17 +298,11 @@ def _drift_pass(model, sample: Reservoir, options: ProbeOptions, pad_id: int) ->
     out = Reservoir(sample.capacity)
     if len(sample) == 0:
         return out
-    enc = {"input_ids": list(sample.arrays["ids"])}
     types = list(sample.arrays["token_type"])
-    if types and types[0] is not None:
-        enc["token_type_ids"] = types
     low = sample.arrays["probs"].astype(np.float64)
-    logits = np.empty(low.shape, dtype=np.float64)
-    lengths = np.asarray([len(x) for x in enc["input_ids"]])
-    with torch.inference_mode():
-        for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
-            logits[batch_idx] = model(**_pad(enc, batch_idx, pad_id)).logits.double().numpy()
-    high = _softmax(logits)
+    high = _softmax(forward_logits(model, list(sample.arrays["ids"]), pad_id,
+                                   token_type_ids=types if types and types[0] is not None else None,
+                                   batch_size=options.batch_size, max_tokens=options.max_tokens_per_batch))
     diff = np.abs(low - high)
     out.add(sample.priority, row_id=sample.arrays["row_id"], max_abs=diff.max(axis=1), sum_abs=diff.sum(axis=1),
             agree=low.argmax(axis=1) == high.argmax(axis=1))
