@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _probe(tiny, chunk_rows=8192, rows=None, writer=None, **options):
+def _probe(tiny, chunk_rows=8192, rows=None, writer=None, on_chunk=None, **options):
     from collapse_detect.data import iter_chunks
     from collapse_detect.probe import ProbeOptions, run_probe
 
@@ -50,13 +50,14 @@ def _probe(tiny, chunk_rows=8192, rows=None, writer=None, **options):
     _, chunks = iter_chunks(data, LABELS, chunk_rows=chunk_rows)
     seen = []
 
-    def on_chunk(chunk, probs):
+    def record(chunk, probs):
         if writer is not None:  # streamed to predictions.csv, as the CLI does
             writer.write_predictions(chunk.row_ids, chunk.gold, probs, LABELS)
         else:
             seen.append((chunk.row_ids, probs))
 
-    run = run_probe(tiny["model"], tiny["tok"], chunks, LABELS, ProbeOptions(**options), on_chunk=on_chunk)
+    run = run_probe(tiny["model"], tiny["tok"], chunks, LABELS, ProbeOptions(**options),
+                    on_chunk=on_chunk or record)
     return run, seen
 
 
@@ -82,21 +83,45 @@ def test_chunk_size_does_not_change_the_statistics(tiny):
 
 
 def test_memory_does_not_grow_with_rows(tiny, monkeypatch):
-    """Python/numpy allocations (tracemalloc) peak the same for 600 and 2,400 rows streamed in chunks of 200:
-    nothing per row is kept once the fixed-size samples are full (here made small so that 600 rows fill them:
-    100 sampled rows, 50 gradient norms per class and group instead of 4,000 and 20,000)."""
+    """What the tool's own code holds (tracemalloc: Python and numpy allocations made by collapse_detect's
+    lines) at the last chunk and once the probe returns is the same for 600 and 9,600 rows streamed in chunks of
+    200: nothing per row is kept once the fixed-size samples are full (here made small so that 600 rows fill them:
+    100 sampled rows, 50 gradient norms per class and group instead of 4,000 and 20,000).
+
+    Only allocations made by the tool's own lines count, after an untraced warm-up run. Outside them, memory grows
+    for a while and then stays flat: pandas' chunked reader keeps about 3 KB a chunk for its first few hundred
+    chunks, and the interpreter's attribute cache keeps the names transformers builds for its look-ups (flat after
+    about 3,000 forwards). Comparing whole-process peaks, as this test once did, failed or passed on that alone. The
+    whole command's resident memory, reader included, is measured at 100k and 1M rows by
+    benchmarks/bench_streaming.py."""
     from collapse_detect.outputs import OutputWriter
     from collapse_detect.stats import GradAccumulator
 
     defaults = GradAccumulator.__init__.__defaults__
     monkeypatch.setattr(GradAccumulator.__init__, "__defaults__", (50,) + defaults[1:])
-    peaks = {}
-    for rows in (600, 2400):
+    own = [tracemalloc.Filter(True, str(ROOT / "collapse_detect" / "*"))]
+
+    def held():
+        return sum(t.size for t in tracemalloc.take_snapshot().filter_traces(own).traces)
+
+    # warm-up, untraced: what the interpreter allocates once per function (specialized bytecode, caches)
+    warm = OutputWriter(tiny["root"] / "out_warm", {"csv"})
+    _probe(tiny, chunk_rows=200, rows=600, writer=warm, batch_size=64, sample_rows=100)
+    warm.commit()
+    sizes = {}
+    for rows in (600, 9600):
         writer = OutputWriter(tiny["root"] / f"out_{rows}", {"csv"})
+        at_last_chunk = []
+
+        def last_chunk(chunk, probs):
+            writer.write_predictions(chunk.row_ids, chunk.gold, probs, LABELS)
+            if chunk.row_ids[-1] == rows - 1:
+                at_last_chunk.append(held())
+
         tracemalloc.start()
         try:
-            run, _ = _probe(tiny, chunk_rows=200, rows=rows, writer=writer, batch_size=64, sample_rows=100)
-            peaks[rows] = tracemalloc.get_traced_memory()[1]
+            run, _ = _probe(tiny, chunk_rows=200, rows=rows, on_chunk=last_chunk, batch_size=64, sample_rows=100)
+            sizes[rows] = (at_last_chunk[0], held())
         finally:
             tracemalloc.stop()
         writer.commit()
@@ -105,7 +130,10 @@ def test_memory_does_not_grow_with_rows(tiny, monkeypatch):
         assert len(run.accumulator.sample) == 100
         with open(tiny["root"] / f"out_{rows}" / "predictions.csv") as f:
             assert sum(1 for _ in f) == rows + 1
-    assert peaks[2400] < 1.15 * peaks[600], peaks
+    # 9,000 more rows: keeping one float32 a row would add 36 KB. What varies without a leak (6-9 KB here) is
+    # strings the interpreter keeps for a while: formatted probabilities, attribute names built with f-strings.
+    for small, large in zip(sizes[600], sizes[9600]):
+        assert large < small + 24_000, sizes
 
 
 def test_token_budget_caps_every_batch():
