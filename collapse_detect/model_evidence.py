@@ -101,8 +101,8 @@ def head_state(model, missing_keys: list[str], label_prior: list[float]) -> dict
     from .gradnorm import find_head
 
     head = find_head(model)
-    weight = head.weight.detach().float().numpy()
-    bias = head.bias.detach().float().numpy() if head.bias is not None else np.zeros(weight.shape[0])
+    weight = head.weight.detach().float().cpu().numpy()
+    bias = head.bias.detach().float().cpu().numpy() if head.bias is not None else np.zeros(weight.shape[0])
     init_range = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
     head_names = {name for name, module in model.named_modules() if module is head}
     missing_head = [k for k in missing_keys if any(k.startswith(n + ".") for n in head_names)
@@ -141,7 +141,7 @@ def write_fixed_checkpoint(model, tokenizer, offsets, out_dir, source_dir=None) 
         if head.bias is None:
             raise ValueError("the classification head has no bias to shift")
         original = head.bias.detach().clone()
-        head.bias += torch.as_tensor(np.asarray(offsets), dtype=head.bias.dtype)
+        head.bias += torch.as_tensor(np.asarray(offsets), dtype=head.bias.dtype, device=head.bias.device)
     try:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

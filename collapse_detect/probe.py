@@ -120,7 +120,10 @@ class BatchRunner:
     calling thread with the process's intra-op threads."""
 
     def __init__(self, model, capture: HeadCapture | None, workers: int = 1):
+        from .runtime import model_device
+
         self.model, self.capture, self.workers = model, capture, max(1, int(workers))
+        self.device = model_device(model)  # batches are padded on the CPU and moved there
         self._pool = None
         self._threads = torch.get_num_threads()
         if self.workers > 1:
@@ -130,9 +133,11 @@ class BatchRunner:
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         if bool(batch["attention_mask"].all()):  # no padding (common once sorted): sdpa runs unmasked
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            logits = self.model(**batch).logits.float().numpy()
-        return logits, None if self.capture is None else self.capture.value.float().numpy()
+            logits = self.model(**batch).logits.float().cpu().numpy()
+        return logits, None if self.capture is None else self.capture.value.float().cpu().numpy()
 
     def run(self, batches: list[np.ndarray], make_batch: Callable[[np.ndarray], dict]):
         """Yield ``(batch_idx, padded_tokens, logits, features)`` for every batch: in the given order on the
@@ -354,7 +359,9 @@ def _pad(enc, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
 def _ghost_pass(model, grad_rows, acc: Accumulator, options: ProbeOptions, pad_id: int) -> None:
     """Backward-based per-example gradient norms on the stratified sample (one batched backward per batch)."""
     from .gradnorm import per_example_grad_norms
+    from .runtime import model_device
 
+    device = model_device(model)
     for c, res in enumerate(grad_rows):
         if len(res) == 0:
             continue
@@ -366,7 +373,7 @@ def _ghost_pass(model, grad_rows, acc: Accumulator, options: ProbeOptions, pad_i
         lengths = np.asarray([len(x) for x in ids])
         gold = np.full(len(ids), c, dtype=np.int64)
         for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
-            batch = _pad(enc, batch_idx, pad_id)
+            batch = {k: v.to(device) for k, v in _pad(enc, batch_idx, pad_id).items()}
             norms, _ = per_example_grad_norms(model, batch, torch.as_tensor(gold[batch_idx]),
                                               last_n_blocks=options.grad_layers)
             for group, values in norms.items():

@@ -168,6 +168,15 @@ def bf16_fast() -> bool:
         return False
 
 
+def model_device(model):
+    """The device of the model's first parameter (the CPU for a model without parameters); inputs built on the
+    CPU go there before a forward."""
+    import torch
+
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def cast_model(model, dtype):
     """Run ``model`` in ``dtype`` inside the block; afterwards its original parameters and buffers are back,
