@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import model_device
+
 __all__ = [
     "find_head",
     "find_blocks",
@@ -879,8 +881,8 @@ def per_example_grad_norms(
     model : torch.nn.Module
         A Hugging Face sequence classifier.
     batch : dict of str to torch.Tensor
-        Model inputs (``input_ids``, ``attention_mask``, optionally ``token_type_ids``); passed
-        as keyword arguments so the padding mask is seen.
+        Model inputs (``input_ids``, ``attention_mask``, optionally ``token_type_ids``); moved to
+        the model's device and passed as keyword arguments so the padding mask is seen.
     labels : torch.Tensor of int, shape (B,)
         Gold labels.
     last_n_blocks, include_embeddings, include_head
@@ -903,7 +905,8 @@ def per_example_grad_norms(
             include_embeddings=include_embeddings,
             include_head=include_head,
         ) as gn:
-            out = model(**batch)
+            device = model_device(model)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
             logits = out.logits if hasattr(out, "logits") else out[0]
             loss = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="sum")
             if loss.requires_grad:

@@ -359,9 +359,7 @@ def _pad(enc, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
 def _ghost_pass(model, grad_rows, acc: Accumulator, options: ProbeOptions, pad_id: int) -> None:
     """Backward-based per-example gradient norms on the stratified sample (one batched backward per batch)."""
     from .gradnorm import per_example_grad_norms
-    from .runtime import model_device
 
-    device = model_device(model)
     for c, res in enumerate(grad_rows):
         if len(res) == 0:
             continue
@@ -373,7 +371,7 @@ def _ghost_pass(model, grad_rows, acc: Accumulator, options: ProbeOptions, pad_i
         lengths = np.asarray([len(x) for x in ids])
         gold = np.full(len(ids), c, dtype=np.int64)
         for batch_idx in make_batches(lengths, options.batch_size, options.max_tokens_per_batch):
-            batch = {k: v.to(device) for k, v in _pad(enc, batch_idx, pad_id).items()}
+            batch = _pad(enc, batch_idx, pad_id)
             norms, _ = per_example_grad_norms(model, batch, torch.as_tensor(gold[batch_idx]),
                                               last_n_blocks=options.grad_layers)
             for group, values in norms.items():
