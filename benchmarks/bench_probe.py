@@ -452,18 +452,14 @@ def main() -> None:
 def _cli_end_to_end(root: Path, args) -> None:
     """The whole command a CI job runs on the same rows (a fresh process: imports, loading, probe with head
     gradient norms, the evidence passes, every report file), and the probe's share of it."""
+    from bench_streaming import run_cli  # exit 1 (the random fixture model judged collapsed) counts as a run
+
     data = root / (f"eval_{args.rows}.csv" if args.rows else "eval.csv")
-    cmd = [sys.executable, "-m", "collapse_detect", str(root / "model"), str(data), "--quiet"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    extra = ["--threads", str(args.threads)] if args.threads else []
     best = None
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="bench-cli-") as out:
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd + ["--out", out], capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode not in (0, 1):  # 1: the random fixture model is judged collapsed
-                raise SystemExit(f"the CLI failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+            wall = run_cli(root / "model", data, Path(out), extra)["seconds"]
             meta = json.loads((Path(out) / "summary.json").read_text())["metadata"]
         if best is None or wall < best[0]:
             best = (wall, meta["probe_seconds"], meta["rows"])

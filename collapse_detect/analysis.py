@@ -33,8 +33,9 @@ def linear_probe(features: np.ndarray, gold: np.ndarray, *, folds: int = 5, seed
         return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, C=1.0))
     cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with parallel_config(backend="threading", n_jobs=max(1, int(threads))):
-        pred = cross_val_predict(clf, x, y, cv=cv, n_jobs=max(1, int(threads)))
+    jobs = max(1, int(threads))
+    with parallel_config(backend="threading", n_jobs=jobs):
+        pred = cross_val_predict(clf, x, y, cv=cv, n_jobs=jobs)
     return {"balanced_accuracy": float(balanced_accuracy_score(y, pred)), "rows": int(len(y)), "folds": n_folds,
             "chance": 1.0 / len(usable)}
 

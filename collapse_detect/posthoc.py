@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from .stats import top_two
+
 TAU_GRID = np.round(np.arange(0.0, 5.01, 0.1), 2)
 
 
@@ -42,7 +44,6 @@ def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 
     balanced accuracy comes from one matrix product: rows x candidates decisions (argmax's tie order kept)
     against each row's gain (gold c, now right) or loss (gold = its other class, now wrong)."""
     k = logits.shape[1]
-    rows = np.arange(len(logits))
     support = np.bincount(gold, minlength=k).astype(float)
     weight = np.zeros(len(support))
     weight[labels] = np.divide(1.0, support[labels], out=np.zeros(len(labels)), where=support[labels] > 0)
@@ -55,11 +56,7 @@ def fit_bias_tuning(logits, gold, labels, *, rounds: int = 3, candidates: int = 
         improved = False
         for c in range(k):
             if top is None:
-                first = adjusted.argmax(axis=1)
-                rest = adjusted.copy()
-                rest[rows, first] = -np.inf
-                second = rest.argmax(axis=1)
-                top = first, adjusted[rows, first], second, rest[rows, second]
+                top = top_two(adjusted)[:4]
             first, first_value, second, second_value = top
             is_c = first == c
             rival = np.where(is_c, second, first)  # the best other class of each row

@@ -234,6 +234,17 @@ def classes_to_show(stats: dict, limit: int = MAX_CLASSES, by: str = "gold or pr
     return np.sort(np.lexsort((np.arange(k), -size))[:limit])
 
 
+def top_two(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's best class and its value, its runner-up class and value (first index on ties, as argmax),
+    and ``z`` with every row's best entry set to -inf."""
+    rows = np.arange(len(z))
+    first = z.argmax(axis=1)
+    rest = z.copy()
+    rest[rows, first] = -np.inf
+    second = rest.argmax(axis=1)
+    return first, z[rows, first], second, rest[rows, second], rest
+
+
 def log_odds(logits: np.ndarray) -> np.ndarray:
     """log(p_c / (1 - p_c)) for every class, computed from logits so it does not saturate at p -> 1.
 
@@ -245,11 +256,7 @@ def log_odds(logits: np.ndarray) -> np.ndarray:
     if k == 1:
         return np.full_like(z, np.inf)
     rows = np.arange(n)
-    top = z.argmax(axis=1)
-    m1 = z[rows, top]
-    others = z.copy()
-    others[rows, top] = -np.inf
-    m2 = others.max(axis=1)
+    top, m1, _, m2, others = top_two(z)
     e1 = np.exp(z - m1[:, None])
     with np.errstate(divide="ignore"):
         out = z - m1[:, None] - np.log(e1.sum(axis=1, keepdims=True) - e1)

@@ -37,6 +37,12 @@ def _width(n: int) -> float:
     return max(5.0, 0.7 * n + 2)
 
 
+def _class_ticks(ax, positions, names: list[str]) -> None:
+    """Class names under a bar or box plot, slanted once there are more than four."""
+    slant = len(names) > 4
+    ax.set_xticks(positions, names, rotation=30 if slant else 0, ha="right" if slant else "center")
+
+
 def prior_vs_predicted(stats: dict) -> bytes:
     ids, note = _shown(stats)
     names = _labels([stats["class_names"][i] for i in ids])
@@ -44,7 +50,7 @@ def prior_vs_predicted(stats: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.bar(x - 0.2, np.asarray(stats["label_prior"])[ids], 0.4, label="label prior (gold)", color=COLORS["prior"])
     ax.bar(x + 0.2, np.asarray(stats["prediction_share"])[ids], 0.4, label="predicted share", color=COLORS["pred"])
-    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    _class_ticks(ax, x, names)
     ax.set_ylabel("share of rows")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Predicted vs gold distribution (total variation {stats['total_variation']:.2f}){note}")
@@ -63,7 +69,7 @@ def recall_by_class(stats: dict, floor: float = 0.5) -> bytes:
     ax.axhline(floor, color=COLORS["base"], ls="--", lw=1, label=f"floor {floor:.2f}")
     for i, c in enumerate(per):
         ax.text(i, recall[i] + 0.02, f"{recall[i]:.2f}\nn={c['support']}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    _class_ticks(ax, x, names)
     ax.set_ylim(0, 1.25)
     ax.set_ylabel("recall")
     ax.set_title(f"Recall by class (balanced accuracy {stats['balanced_accuracy']:.2f}){note}")
@@ -137,8 +143,7 @@ def gradient_norms(stats: dict, group: str) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.boxplot(data, showfliers=True)
-    ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 4 else 0,
-                  ha="right" if len(names) > 4 else "center")
+    _class_ticks(ax, range(1, len(names) + 1), names)
     ax.set_yscale("log")
     ax.set_ylabel("per-example gradient norm")
     ax.set_title(f"Gradient norm by gold class ({group}){note}")
@@ -158,7 +163,7 @@ def gradient_mass(stats: dict, group: str) -> bytes | None:
     fig, ax = plt.subplots(figsize=(_width(len(names)), 3.4))
     ax.bar(x - 0.2, share, 0.4, label="share of examples", color=COLORS["prior"])
     ax.bar(x + 0.2, mass, 0.4, label="share of gradient mass", color=COLORS["pred"])
-    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    _class_ticks(ax, x, names)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Who drives training: gradient mass vs examples ({group}){note}")
     ax.legend(frameon=False)
