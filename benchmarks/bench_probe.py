@@ -360,7 +360,10 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from collapse_detect.runtime import available_cores, bf16_fast
 
-    print(f"physical cores available: {available_cores()}; native bf16: {bf16_fast()}")
+    caps = ", ".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                     if os.environ.get(k))
+    print(f"physical cores available: {available_cores()}; native bf16: {bf16_fast()}; "
+          f"ATen CPU capability: {torch.backends.cpu.get_cpu_capability()}" + (f"; {caps}" if caps else ""))
 
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
