@@ -22,31 +22,46 @@ class Fix:
 
 
 def class_weights(counts) -> np.ndarray:
-    """Balanced class weights n / (k * count_c) (sklearn's "balanced"); classes with no rows get 0."""
+    """Balanced class weights n / (k * count_c) (sklearn's "balanced"), k the number of classes (``len(counts)``,
+    the model's classes, counted or not).
+
+    A class with no rows gets a stand-in, the largest weight of the counted classes (as rare as the rarest class
+    seen), never 0: a weight of 0 would train with no loss on it. With no rows at all every weight is 1.
+    """
     counts = np.asarray(counts, dtype=float)
     present = counts > 0
-    n, k = counts.sum(), int(present.sum())
-    weights = np.zeros_like(counts)
-    weights[present] = n / (k * counts[present])
+    if not present.any():
+        return np.ones_like(counts)
+    weights = np.empty_like(counts)
+    weights[present] = counts.sum() / (len(counts) * counts[present])
+    weights[~present] = weights[present].max()
     return weights
+
+
+def _weight_list(weights) -> str:
+    """The weights as the snippets write them, so the loss and the sampler show the same list."""
+    return ", ".join(f"{w:.4g}" for w in weights)
 
 
 def weighted_trainer_code(class_names: list[str], weights, *, learning_rate: float = 2e-5,
                           weight_decay: float = 0.01, warmup: float = 0.1, epochs: int = 10,
-                          patience: int = 2) -> str:
+                          patience: int = 2, stand_ins=()) -> str:
     """A complete Trainer set-up with class-weighted loss and early stopping on macro F1.
 
     Expects ``model``, ``train_dataset`` and ``eval_dataset`` to exist, and runs ``trainer.train()``.
+    ``stand_ins`` names the classes whose weight is a stand-in (no rows to count); a comment says so.
     """
-    weight_list = ", ".join(f"{w:.4g}" for w in weights)
+    weight_list = _weight_list(weights)
     names = ", ".join(repr(str(n)) for n in class_names)
+    note = (f"# No rows to count of {', '.join(repr(str(n)) for n in stand_ins)}: a stand-in weight "
+            f"(the largest of the counted classes)\n" if stand_ins else "")
     return f'''import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 # Class order: [{names}]
-CLASS_WEIGHTS = [{weight_list}]
+{note}CLASS_WEIGHTS = [{weight_list}]
 
 
 class WeightedLossTrainer(Trainer):
@@ -91,8 +106,8 @@ trainer.train()
 
 
 def resampling_code(weights) -> str:
-    """Balanced sampling with a WeightedRandomSampler, the alternative to a weighted loss."""
-    weight_list = ", ".join(f"{w:.4g}" for w in weights)
+    """Balanced sampling with a WeightedRandomSampler, the alternative to a weighted loss (the same weights)."""
+    weight_list = _weight_list(weights)
     return f'''import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -128,17 +143,30 @@ def imbalance_fix(stats: dict, train_counts=None) -> Fix:
                   "(pass --train-file for weights from the real training distribution)")
     weights = class_weights(counts)
     shown = ", ".join(f"{n}={w:.3g}" for n, w in zip(names, weights))
+    stand_ins = [n for n, c in zip(names, counts) if c <= 0]
+    steps = [f"Weight the loss by class: n / (k * count_c), k = {len(names)} classes, from {source}: {shown}."]
+    if stand_ins:
+        which = ", ".join(stand_ins)
+        its = "its weight is a stand-in" if len(stand_ins) == 1 else "their weights are stand-ins"
+        if train_counts is not None:
+            steps.append(f"No rows of {which} in the training labels to count: {its} (the largest weight of the "
+                         "counted classes), and no weight teaches a class the model never sees; add training rows.")
+        else:
+            steps.append(f"No rows of {which} in the eval set to count: {its} (the largest weight of the counted "
+                         "classes); replace with weights from the training labels (--train-file gives weights "
+                         "from the real training labels).")
     return Fix(
         title="Retrain with class-weighted loss, regularization and early stopping",
-        steps=[
-            f"Weight the loss by class: n / (k * count_c) from {source}: {shown}.",
-            "Or resample the training set so every class is seen equally often (WeightedRandomSampler).",
+        steps=steps + [
+            "Or resample the training set so every class is seen equally often (WeightedRandomSampler, "
+            "each row weighted by its class's weight above).",
             "Keep weight decay at 0.01-0.1, a learning rate of 1e-5 to 5e-5 with about 10% warm-up.",
             "Evaluate every epoch on a stratified validation split and stop early on macro F1 "
             "(eval_strategy, load_best_model_at_end, EarlyStoppingCallback), not on accuracy or loss.",
         ],
-        code=weighted_trainer_code(names, weights),
-        values={"class_weights": dict(zip(names, [float(w) for w in weights])), "weights_from": source},
+        code=weighted_trainer_code(names, weights, stand_ins=stand_ins),
+        values={"class_weights": dict(zip(names, [float(w) for w in weights])), "weights_from": source,
+                "stand_in_weights": stand_ins},
     )
 
 

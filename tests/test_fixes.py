@@ -79,3 +79,62 @@ def test_logit_adjustment_snippet_shifts_the_bias(tiny_trained, tmp_path, monkey
     exec(compile(code, "logit_adjustment_snippet", "exec"), {"model": model})
     assert (model.classifier.bias.detach() - before).tolist() == pytest.approx([-1.5, 0.75, 0.75])
     assert (tmp_path / "model-logit-adjusted" / "model.safetensors").exists()
+
+
+def test_class_weights_agree_with_sklearn_balanced_when_every_class_is_present():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    counts = [90, 7, 3]
+    y = np.repeat(np.arange(3), counts)
+    assert fixes.class_weights(counts) == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=y))
+
+
+def _stats(names, supports):
+    return {"class_names": names, "per_class": [{"class": n, "support": s} for n, s in zip(names, supports)]}
+
+
+def test_a_class_with_no_rows_gets_a_stand_in_weight_and_the_fix_says_so():
+    """k is the model's class count; a class with no rows gets the largest weight of the counted classes, never 0."""
+    w = fixes.class_weights([180, 60, 0])
+    assert w == pytest.approx([240 / (3 * 180), 240 / (3 * 60), 240 / (3 * 60)])
+    assert fixes.class_weights([90, 0, 5, 0]) == pytest.approx([95 / 360, 95 / 20, 95 / 20, 95 / 20])
+    assert fixes.class_weights([0, 0, 0]).tolist() == [1.0, 1.0, 1.0]
+
+    fix = fixes.imbalance_fix(_stats(["sports", "politics", "business"], [180, 60, 0]))
+    assert fix.values["class_weights"] == pytest.approx({"sports": 4 / 9, "politics": 4 / 3, "business": 4 / 3})
+    assert fix.values["stand_in_weights"] == ["business"]
+    assert "CLASS_WEIGHTS = [0.4444, 1.333, 1.333]" in fix.code
+    assert "# No rows to count of 'business': a stand-in weight" in fix.code
+    compile(fix.code, "weighted_trainer_snippet", "exec")
+    note = next(s for s in fix.steps if s.startswith("No rows of business"))
+    assert "in the eval set" in note and "stand-in" in note and "--train-file" in note
+    assert "k = 3 classes" in fix.steps[0]
+
+    two = fixes.imbalance_fix(_stats(["a", "b", "c"], [10, 0, 0]))
+    assert two.values["stand_in_weights"] == ["b", "c"]
+    assert any(s.startswith("No rows of b, c in the eval set") and "stand-ins" in s for s in two.steps)
+
+    trained = fixes.imbalance_fix(_stats(["a", "b", "c"], [10, 5, 5]), train_counts=[50, 50, 0])
+    assert trained.values["class_weights"] == pytest.approx({"a": 100 / 150, "b": 100 / 150, "c": 100 / 150})
+    assert any(s.startswith("No rows of c in the training labels") for s in trained.steps)
+
+    full = fixes.imbalance_fix(_stats(["a", "b", "c"], [10, 5, 5]))
+    assert full.values["stand_in_weights"] == [] and not any(s.startswith("No rows") for s in full.steps)
+    assert "# No rows to count" not in full.code
+
+
+def test_resampling_snippet_shows_the_loss_weights_and_samples_a_class_the_counts_lacked():
+    """The eval counts lack class 2; the sampler still draws its training rows, and a class with no training
+    rows (3) is simply never drawn."""
+    weights = fixes.class_weights([60, 20, 0, 0])
+    code = fixes.resampling_code(weights)
+    listed = fixes.weighted_trainer_code(["a", "b", "c", "d"], weights).split("CLASS_WEIGHTS = [")[1].split("]")[0]
+    assert f"CLASS_WEIGHTS = torch.tensor([{listed}])" in code
+    labels = [0] * 60 + [1] * 20 + [2] * 20
+    data = torch.utils.data.TensorDataset(torch.tensor(labels))
+    ns = {"train_labels": labels, "train_dataset": data}
+    torch.manual_seed(0)
+    exec(compile(code, "resampling_snippet", "exec"), ns)
+    drawn = torch.cat([torch.cat([b[0] for b in ns["loader"]]) for _ in range(20)])
+    share = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert share[2] > 0.3 and share[3] == 0
