@@ -96,7 +96,7 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     """Load a checkpoint and probe it over an eval file (or the rows ``row_filter`` keeps; ``sample_sync``:
     see ProbeOptions, for runs spread over several processes)."""
     from .checkpoint import load_checkpoint
-    from .data import iter_chunks
+    from .data import check_label_names, iter_chunks
     from .probe import run_probe
 
     import torch
@@ -106,10 +106,11 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     loaded = load_checkpoint(model_dir, allow_pickle=options.allow_pickle)
     class_names = loaded.class_names
     if options.label_names:
-        if len(options.label_names) != len(class_names):
-            raise InputError(f"--label-names gives {len(options.label_names)} names but the model has "
+        label_names = check_label_names(options.label_names, "--label-names")
+        if len(label_names) != len(class_names):
+            raise InputError(f"--label-names gives {len(label_names)} names but the model has "
                              f"{len(class_names)} classes")
-        class_names = list(options.label_names)
+        class_names = label_names
     columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
                                   chunk_rows=options.chunk_rows, row_filter=row_filter)
@@ -296,7 +297,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     from .checkpoint import GENERIC_LABEL, LoadedCheckpoint, ResolvedCheckpoint
     from .config import check_param, parse_check_list
-    from .data import Chunk, Columns, LabelMapper, detect_columns
+    from .data import Chunk, Columns, LabelMapper, check_label_names, detect_columns
     from .errors import ConfigError
     from .probe import run_probe
     from .runtime import choose_threads
@@ -334,10 +335,11 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
     generic = all(GENERIC_LABEL.match(n) for n in class_names)
     if label_names:
-        if len(label_names) != len(class_names):
-            raise InputError(f"label_names gives {len(label_names)} names but the model has {len(class_names)} "
+        names = check_label_names(label_names, "label_names")
+        if len(names) != len(class_names):
+            raise InputError(f"label_names gives {len(names)} names but the model has {len(class_names)} "
                              "classes")
-        class_names = [str(n) for n in label_names]
+        class_names = names
 
     params: dict = {}
     for check_id, values in (check_params or {}).items():

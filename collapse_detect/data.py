@@ -122,61 +122,136 @@ def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=No
         candidates = [lower[n] for n in PAIR_COLUMN_NAMES if n in lower and lower[n] not in (text, label)]
         if candidates and text.lower() in ("sentence1", "premise", "text_a", "question", "text"):
             pair = candidates[0]
+    roles = [("text", text, "--text-col"), ("text pair", pair, "--text-pair-col"), ("label", label, "--label-col")]
+    for i, (role, column, flag) in enumerate(roles):
+        for other, other_column, other_flag in roles[i + 1:]:
+            if column is not None and column == other_column:
+                raise InputError(f"{str(path)!r}: column {column!r} cannot be both the {role} column ({flag}) and "
+                                 f"the {other} column ({other_flag}); pass a different {flag} or {other_flag}")
     return Columns(text=text, label=label, text_pair=pair)
 
 
+def check_label_names(names, flag: str = "--label-names") -> list[str]:
+    """The class names given for the model's ids, stripped; refuses an empty or a repeated name."""
+    names = [str(n).strip() for n in names]
+    seen: set[str] = set()
+    for position, name in enumerate(names, 1):
+        if not name:
+            raise InputError(f"{flag} has an empty name (name {position} of {len(names)}); give one name per "
+                             "class, in the order of the model's ids, separated by commas")
+        if name in seen:
+            raise InputError(f"{flag} gives the name {name!r} more than once; each of the model's classes needs "
+                             "its own name")
+        seen.add(name)
+    return names
+
+
+def _integer_name(name: str) -> int | None:
+    """The integer a class name spells canonically ('3', '-1'; not '03', '+1' or '3.0'), else None."""
+    try:
+        value = int(name)
+    except (TypeError, ValueError):
+        return None
+    return value if str(value) == str(name).strip() else None
+
+
 class LabelMapper:
-    """Map gold labels (class names or integer ids) onto the model's class ids."""
+    """Map gold labels (class names or integer ids) onto the model's class ids.
+
+    When class names are integers ("1", "2", "3": star ratings, -1/0/1 sentiment; or only some of them),
+    integer labels are matched to those names and are never read as ids, so one column cannot mix the two
+    readings. Otherwise a label is a
+    class name first, then an id 0..k-1. True/false labels are matched to the names "true"/"false" (any case),
+    never taken as ids 1/0.
+    """
 
     def __init__(self, class_names: list[str], path, column: str):
         self.class_names = list(class_names)
         self.by_name = {name: i for i, name in enumerate(self.class_names)}
+        self.by_lower: dict[str, int] = {}
+        for i, name in enumerate(self.class_names):
+            self.by_lower.setdefault(str(name).strip().lower(), i)
+        numbers = [_integer_name(name) for name in self.class_names]
+        self.by_number = ({n: i for i, n in enumerate(numbers) if n is not None}
+                          if any(n is not None for n in numbers) else None)
         self.path = path
         self.column = column
+
+    def _lookup(self, v, k: int) -> int | None:
+        if isinstance(v, (bool, np.bool_)):
+            return self.by_lower.get("true" if v else "false")
+        if isinstance(v, str):
+            key = v.strip()
+            if key in self.by_name:
+                return self.by_name[key]
+            if not key.lstrip("-").isdigit():
+                return None
+            iv = int(key)
+        elif isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
+            iv = int(v)
+        else:
+            return None
+        if self.by_number is not None:  # class names are numbers: an integer label is a name
+            return self.by_number.get(iv)
+        return iv if 0 <= iv < k else None
+
+    def _unknown(self, bad: list[str], any_bool: bool) -> str:
+        k = len(self.class_names)
+        names = ", ".join(self.class_names[:10]) + (" ..." if k > 10 else "")
+        ids = ",".join(map(str, range(k))) if k <= 10 else f"0,1,...,{k - 1}"
+        if self.by_number is not None:
+            classes = (f"the model's classes are: {names} (its class names include numbers, so integer labels "
+                       f"are matched by name, not as ids); pass --label-names to rename the model's ids in order (e.g. "
+                       f"--label-names {ids} when the data holds ids), or --label-col")
+        else:
+            classes = (f"the model's classes are: {names} (or ids 0..{k - 1}); pass --label-names to name the "
+                       "model's ids in order, or --label-col")
+        if any_bool:
+            classes = "true/false labels are matched to class names, never taken as ids; " + classes
+        return (f"{str(self.path)!r}: column {self.column!r} has labels the model does not know: "
+                f"{', '.join(bad)}; {classes}")
 
     def __call__(self, values: pd.Series, row_ids: np.ndarray) -> np.ndarray:
         k = len(self.class_names)
         out = np.empty(len(values), dtype=np.int64)
         bad: list[str] = []
+        any_bool = False
         missing_rows: list[int] = []
         for i, v in enumerate(values.tolist()):
             if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
                 missing_rows.append(int(row_ids[i]))
                 continue
-            if isinstance(v, str):
-                key = v.strip()
-                if key in self.by_name:
-                    out[i] = self.by_name[key]
-                    continue
-                if key.lstrip("-").isdigit() and 0 <= int(key) < k and key not in self.by_name:
-                    out[i] = int(key)
-                    continue
-            elif isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()):
-                iv = int(v)
-                if 0 <= iv < k:
-                    out[i] = iv
-                    continue
+            found = self._lookup(v, k)
+            if found is not None:
+                out[i] = found
+                continue
+            any_bool = any_bool or isinstance(v, (bool, np.bool_))
             if len(bad) < 5 and repr(v) not in bad:
                 bad.append(repr(v))
             out[i] = -1
         if missing_rows:
-            raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at row(s) "
-                             f"{', '.join(map(str, missing_rows[:5]))}; every row needs a gold label")
+            raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at {_row_ids(missing_rows)}; "
+                             "every row needs a gold label")
         if bad:
-            names = ", ".join(self.class_names[:10]) + (" ..." if k > 10 else "")
-            raise InputError(f"{str(self.path)!r}: column {self.column!r} has labels the model does not know: "
-                             f"{', '.join(bad)}; the model's classes are: {names} (or ids 0..{k - 1}); "
-                             "pass --label-names to name the model's ids in order, or --label-col")
+            raise InputError(self._unknown(bad, any_bool))
         return out
+
+
+def _row_ids(rows) -> str:
+    """Row numbers as the messages give them: 0-based data rows (the header is not a row), as in the row_id
+    column of predictions.csv."""
+    rows = list(rows)
+    return (f"row_id(s) {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''} "
+            "(0-based data rows, as in predictions.csv)")
 
 
 def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: str) -> list[str]:
     series = frame[column]
     missing = series.isna().to_numpy()
     if missing.any():
-        rows = row_ids[np.flatnonzero(missing)[:5]].tolist()
-        raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at row(s) "
-                         f"{', '.join(map(str, rows))}; drop or fill those rows")
+        rows = row_ids[np.flatnonzero(missing)].tolist()
+        raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at {_row_ids(rows)}; "
+                         "drop or fill those rows")
     return [v if isinstance(v, str) else str(v) for v in series.tolist()]
 
 
@@ -205,7 +280,8 @@ def iter_chunks(path, class_names: list[str], *, text_col=None, text_pair_col=No
         while frame is not None:
             for needed in (columns.text, columns.label, columns.text_pair):
                 if needed is not None and needed not in frame.columns:
-                    raise InputError(f"{str(path)!r}: column {needed!r} is missing at row {start}")
+                    raise InputError(f"{str(path)!r}: column {needed!r} is missing from row_id {start} on "
+                                      "(0-based data rows, as in predictions.csv)")
             n = len(frame)
             row_ids = np.arange(start, start + n, dtype=np.int64)
             keep = np.ones(n, dtype=bool) if row_filter is None else row_filter(row_ids)

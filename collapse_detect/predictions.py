@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LabelMapper, first_frame, iter_frames
+from .data import LabelMapper, check_label_names, first_frame, iter_frames
 from .errors import InputError
 from .stats import Accumulator, compute_stats
 
@@ -73,6 +73,8 @@ def _natural_classes(values: set) -> list[str]:
 
 def detect_prediction_columns(path, first: pd.DataFrame, *, label_col=None, pred_col=None,
                               label_names=None) -> PredictionColumns:
+    if label_names:
+        label_names = check_label_names(label_names, "--label-names")
     columns = [str(c) for c in first.columns]
     probs = [c for c in columns if c.startswith(PROB_PREFIX) and len(c) > len(PROB_PREFIX)]
     pred = _pick(columns, pred_col, PRED_COLUMN_NAMES, "--pred-col", path)
