@@ -99,6 +99,11 @@ def resolve_checkpoint(model_dir: str | os.PathLike) -> ResolvedCheckpoint:
                               state_path if state else None)
 
 
+# The files a tokenizer is loaded from (fast tokenizers, WordPiece, BPE, SentencePiece); one must be present.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model", "sentencepiece.model")
+
+
 def _weights_file(path: Path, allow_pickle: bool) -> tuple[str, bool]:
     for name in SAFE_WEIGHTS:
         if (path / name).is_file():
@@ -136,6 +141,11 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # without them transformers may build an empty tokenizer from the config alone, and every row turns
+        # into unknown tokens: the report would blame the model for a folder that lacks its tokenizer
+        raise CheckpointError(f"{str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                              "save the tokenizer into the model folder: tokenizer.save_pretrained(folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder

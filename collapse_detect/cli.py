@@ -19,14 +19,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"Error: {message} (see collapse-detect --help)\n")
 
 
-def _int_at_least(flag, minimum: int, expected: str):
-    """An argparse type for an integer flag with a lower bound; the message says what was expected."""
+SEED_MAX = 2**32 - 1  # numpy's seeds
+
+
+def _int_at_least(flag, minimum: int, expected: str, maximum: int | None = None):
+    """An argparse type for an integer flag with a lower (and optional upper) bound; the message says what was
+    expected."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
+        if value is None or value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"{flag} expects {expected}, got {text!r}")
         return value
     return parse
@@ -95,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0: head norms only, which cover every row)")
     p.add_argument("--grad-layers", type=_positive_int("--grad-layers"), default=None, metavar="N",
                    help="ghost norms over the last N encoder blocks only (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for every sample the report shows (default 0)")
+    p.add_argument("--seed", type=_int_at_least("--seed", 0, f"an integer from 0 to {SEED_MAX}", SEED_MAX),
+                   default=0, help="seed for every sample the report shows (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin checkpoints (loaded with weights_only=True)")
     p.add_argument("--train-file", metavar="FILE",
@@ -172,7 +177,7 @@ def _main(argv: list[str] | None) -> int:
 def _run(args) -> int:
     from .api import RunOptions, diagnosis_from_outcome, probe_files, write_fixed
     from . import distributed
-    from .outputs import OutputWriter
+    from .outputs import OutputWriter, check_writable
     from .report.render import render_terminal
     from .report.write import append_step_summary, write_junit, write_report_files
 
@@ -198,8 +203,12 @@ def _run(args) -> int:
     if dist is not None and dist.rank != 0:
         return distributed.follow(dist, model_dir, args.data, options, keep_predictions="csv" in args.format)
     distributed.expect_followers(dist)  # so that an error below still stops them (see notify_failure)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {str(out_dir)!r} is a file; pass a folder")
+    # every output path is checked before any work, so a mistake costs no probe and leaves nothing behind
+    check_writable("--out", out_dir, folder=True)
+    if args.junit:
+        check_writable("--junit", args.junit, folder=False)
+    if args.write_fixed:
+        check_writable("--write-fixed", args.write_fixed, folder=True)
     if args.write_fixed and Path(args.write_fixed).exists() and (
             not Path(args.write_fixed).is_dir() or any(Path(args.write_fixed).iterdir())):
         raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new folder")
@@ -235,7 +244,10 @@ def _run(args) -> int:
         raise
     writer.commit()
     if args.junit:
-        write_junit(args.junit, diagnosis, args.fail_on)
+        try:
+            write_junit(args.junit, diagnosis, args.fail_on)
+        except OSError as exc:
+            raise InputError(f"cannot write --junit {args.junit!r}: {exc.strerror or exc}") from exc
     append_step_summary(diagnosis, args.fail_on)
     report = out_dir / "report.html" if "html" in args.format else out_dir
     if not args.quiet:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{str(path)!r} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text (TOML files are UTF-8): byte {exc.start}") from exc
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -218,6 +221,28 @@ def _param_kind(default) -> str:
     return "any"
 
 
+# Thresholds that are shares, probabilities or gains on a 0-1 scale; every other number must be finite and >= 0.
+UNIT_INTERVAL = frozenset({"warn_excess", "fail_excess", "floor", "min_gain", "min_auc", "min_agreement",
+                           "min_mapped", "warn_unknown", "fail_unknown", "warn_truncated", "min_mass_share",
+                           "min_error_rate", "min_probe_gain"})
+
+
+def _check_range(param: str, value, shown: str, where: str) -> None:
+    """Numbers must be finite and >= 0 (a NaN would switch a check off without a word); shares lie in [0, 1],
+    significance levels in (0, 1], and a (low, high) pair is ordered."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if not isinstance(values[0], (int, float)) or isinstance(values[0], bool):
+        return
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(f"{where}: {shown} must be finite and >= 0, got {value!r}")
+    if param == "alpha" and not 0 < value <= 1:  # 1 asks for no significance at all
+        raise ConfigError(f"{where}: {shown} is a significance level: more than 0 and at most 1, got {value!r}")
+    if param in UNIT_INTERVAL and value > 1:
+        raise ConfigError(f"{where}: {shown} is a share between 0 and 1, got {value!r}")
+    if len(values) == 2 and values[0] > values[1]:
+        raise ConfigError(f"{where}: {shown} is a (low, high) range; got low {values[0]!r} > high {values[1]!r}")
+
+
 def check_param(check_id: str, param: str, value, where: str):
     """Validate one threshold against the registered check's keyword argument; returns the value to pass."""
     check_id = normalise_check_id(check_id)
@@ -243,9 +268,10 @@ def check_param(check_id: str, param: str, value, where: str):
     if not ok:
         article = "an" if kind[0] in "aeiou" else "a"
         raise ConfigError(f"{where}: {check_id}.{param} must be {article} {kind}, got {_show(value)}")
-    if kind.startswith("array"):
-        return tuple(float(v) for v in value)
-    return float(value) if kind == "number" else value
+    value = tuple(float(v) for v in value) if kind.startswith("array") else (
+        float(value) if kind == "number" else value)
+    _check_range(param, value, f"{check_id}.{param}", where)
+    return value
 
 
 def _check_tables(checks, path: Path, header: str) -> dict:

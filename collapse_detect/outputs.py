@@ -4,13 +4,48 @@ succeeded, so a failed run leaves nothing half-written."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 FORMATS = ("html", "json", "md", "png", "csv")
+MANIFEST = ".collapse-detect-files"  # the names the last run wrote into its folder, one per line
+
+
+def _read_manifest(path: Path) -> set[str]:
+    """File names from an earlier run's manifest; only plain names (no folders), so nothing outside the report
+    folder can be named."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {n for n in (x.strip() for x in lines)
+            if n and n == Path(n).name and n not in (".", "..", MANIFEST) and not n.startswith("/")}
+
+
+def check_writable(flag: str, path, *, folder: bool) -> None:
+    """Before any work: ``path`` (a folder, or a file when ``folder`` is False) can be created or replaced.
+    Raises InputError naming the flag."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise InputError(f"{flag} {str(path)!r} is a file; pass a folder")
+        if not folder and path.is_dir():
+            raise InputError(f"{flag} {str(path)!r} is a folder; pass a file name")
+        target = path if folder else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise InputError(f"{flag} {str(path)!r} cannot be created: {str(target)!r} is a file")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(path)!r} cannot be written: no write permission in {str(target)!r}")
 
 
 class OutputWriter:
@@ -45,12 +80,24 @@ class OutputWriter:
         return path
 
     def commit(self) -> Path:
-        """Move every file into ``out_dir`` (replacing files of an earlier run of the same name)."""
+        """Move every file into ``out_dir``, replacing files of an earlier run of the same name and removing the
+        ones an earlier run wrote there that this run does not (listed in ``MANIFEST``), so the folder always
+        holds one run. Nothing else in the folder is touched."""
         if self._pred_file is not None:
             self._pred_file.close()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.tmp.iterdir()):
-            shutil.move(str(path), str(self.out_dir / path.name))
+        names = sorted(p.name for p in self.tmp.iterdir())
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            earlier = _read_manifest(self.out_dir / MANIFEST)
+            for name in names:
+                shutil.move(str(self.tmp / name), str(self.out_dir / name))
+            for name in sorted(earlier - set(names)):
+                (self.out_dir / name).unlink(missing_ok=True)
+            (self.out_dir / MANIFEST).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        except OSError as exc:
+            self.abort()
+            raise InputError(f"cannot write the report into --out {str(self.out_dir)!r}: "
+                             f"{exc.strerror or exc}") from exc
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.out_dir
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .data import Chunk
+from .errors import InputError
 from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
 from .stats import Accumulator, Reservoir, row_priority
 
@@ -201,7 +202,27 @@ def _encode(tokenizer, texts, pairs, max_length):
         for key in enc:
             for j, i in enumerate(long_rows):
                 enc[key][i] = cut[key][j]
+        longest = max(len(x) for x in cut["input_ids"])
+        if longest > max_length:  # the tokenizer cannot cut below its own special tokens
+            special = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+            raise InputError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} "
+                             f"special tokens to each row; pass --max-length {special + 1} or more")
     return enc, full_lengths
+
+
+def check_grad_layers(model, grad_layers: int | None) -> None:
+    """``--grad-layers`` must name at most the model's encoder blocks (checked before any row is probed)."""
+    from .gradnorm import find_blocks
+
+    if grad_layers is None:
+        return
+    found = find_blocks(model)
+    if found is None:
+        raise InputError(f"--grad-layers {grad_layers}: {type(model).__name__} has no list of encoder blocks to "
+                         "count from; leave --grad-layers out")
+    if grad_layers > len(found[1]):
+        raise InputError(f"--grad-layers {grad_layers} but the model has {len(found[1])} encoder blocks; pass at "
+                         f"most {len(found[1])}")
 
 
 def _progress(total_hint: int | None, enabled: bool):
@@ -221,6 +242,8 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
     from .runtime import bf16_fast, cast_model, torch_dtype
 
     model.eval()
+    if options.grad_sample > 0:
+        check_grad_layers(model, options.grad_layers)
     max_length = model_max_length(model, tokenizer, options.max_length)
     acc = Accumulator(class_names, seed=options.seed, sample_rows=options.sample_rows)
     run = ProbeRun(acc, max_length=max_length, dtype=options.dtype or "fp32")

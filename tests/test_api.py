@@ -10,6 +10,7 @@ import pytest
 import collapse_detect
 from collapse_detect.api import judge
 from collapse_detect.errors import ConfigError, InputError
+from collapse_detect.outputs import MANIFEST
 from collapse_detect.report.render import render_compact_html
 
 from helpers import stats_for
@@ -88,7 +89,7 @@ def test_save_writes_the_files_the_cli_writes(api_diagnosis, collapsed_report, t
     assert {"report.html", "summary.json", "summary.md", "predictions.csv", "reliability.png"} <= set(cli_files)
     assert (folder / "predictions.csv").read_bytes() == (collapsed_report["out"] / "predictions.csv").read_bytes()
     assert diagnosis.save(tmp_path / "json_only", formats=["json"]) == tmp_path / "json_only"
-    assert [p.name for p in (tmp_path / "json_only").iterdir()] == ["summary.json"]
+    assert sorted(p.name for p in (tmp_path / "json_only").iterdir()) == [MANIFEST, "summary.json"]
     with pytest.raises(ValueError, match="unknown format"):
         diagnosis.save(tmp_path / "x", formats=["pdf"])
 

@@ -12,6 +12,7 @@ import pytest
 
 from collapse_detect.checks import REGISTRY
 from collapse_detect.cli import main
+from collapse_detect.outputs import MANIFEST
 from collapse_detect.predictions import MODEL_ONLY_PARTS
 from collapse_detect.stats import Accumulator, compute_stats
 
@@ -194,4 +195,5 @@ def test_predictions_mode_does_not_import_torch(tmp_path):
             "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.stdout.split() == ["0", "False", "False"], done.stderr
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.html", "summary.json", "summary.md"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [MANIFEST, "report.html", "summary.json",
+                                                                  "summary.md"]

@@ -4,6 +4,7 @@ Diagnosis and nothing else."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -25,8 +26,39 @@ def render_json(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
     return diagnosis.to_json(fail_on) + "\n"
 
 
+# Control characters (newlines, ESC, ...) from a class name or a data file would start a new Markdown block or
+# drive the terminal: they are shown as escapes instead.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Markdown's inline syntax: a class name like "[x](javascript:...)" or "![i](http://...)" must stay text
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def visible(text) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``), for the terminal and Markdown."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """Text for Markdown: no HTML, no links or images, no emphasis, code spans or table cells from the data."""
+    text = _MD_SPECIAL.sub(r"\\\1", visible(text))
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _md_code(text) -> str:
+    """An inline code span (paths): backslash escapes do not work inside one, so the fence outgrows the text's
+    own backticks instead."""
+    text = visible(text)
+    longest = max((len(m) for m in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_code_block(code: str, lang: str = "python") -> list[str]:
+    """A fenced block whose fence is longer than any backtick run inside the code, so the code cannot end it."""
+    longest = max((len(m) for m in re.findall("`+", code)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{lang}", code, fence]
 
 
 def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
@@ -35,11 +67,11 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
     meta = diagnosis.metadata
     lines = [f"# collapse-detect: {d['verdict']}", ""]
     if meta.get("predictions_file"):
-        lines.append(f"- Predictions: `{_md_escape(meta['predictions_file'])}` ({s['n']} rows, {s['k']} classes; "
+        lines.append(f"- Predictions: {_md_code(meta['predictions_file'])} ({s['n']} rows, {s['k']} classes; "
                      f"{_md_escape(meta.get('scores', ''))}; no model was run)  ")
     else:
-        lines.append(f"- Model: `{_md_escape(meta.get('model_dir', '?'))}`  ")
-        lines.append(f"- Data: `{_md_escape(meta.get('data_file', '?'))}` ({s['n']} rows, {s['k']} classes)  ")
+        lines.append(f"- Model: {_md_code(meta.get('model_dir', '?'))}  ")
+        lines.append(f"- Data: {_md_code(meta.get('data_file', '?'))} ({s['n']} rows, {s['k']} classes)  ")
     worst = d["worst_class"]
     if worst:
         lines.append(f"- Worst class: **{_md_escape(worst['class'])}** (recall {worst['recall']:.2f}, "
@@ -80,7 +112,7 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
         lines += ["", f"## Fix: {_md_escape(fix.title)}", ""]
         lines += [f"- {_md_escape(step)}" for step in fix.steps]
         if fix.code:
-            lines += ["", "```python", fix.code.rstrip(), "```"]
+            lines += ["", *_md_code_block(fix.code.rstrip())]
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +182,7 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     if report_path is not None:
         out.append("")
         out.append(f"report: {report_path}")
-    return "\n".join(out)
+    return "\n".join(visible(line) for line in out)
 
 
 def severity_rank(name: str) -> int:

@@ -1,0 +1,201 @@
+"""User mistakes found before any work (exit 2, one line, nothing written), one run per report folder, and text
+from the data kept inert in the terminal and in summary.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from collapse_detect.cli import main
+from collapse_detect.config import parse_set
+from collapse_detect.errors import ConfigError
+from collapse_detect.outputs import MANIFEST
+
+
+@pytest.fixture(autouse=True)
+def private_tempdir(tmp_path, monkeypatch):
+    """Each test stages its report in its own temp folder, so leftovers are this test's alone."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+
+
+def _leftovers() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("collapse-detect-*")}
+
+
+def _fails_cleanly(capsys, argv, expect: str, nothing_at: Path | None = None) -> str:
+    before = _leftovers()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("Error: ") and "\n" not in err and "Traceback" not in err
+    assert expect in err, err
+    assert _leftovers() <= before  # no staged report left in the temp folder
+    if nothing_at is not None:
+        assert not nothing_at.exists()
+    return err
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**32), "99999999999999999999999", "1.5"])
+def test_seed_out_of_range_is_a_usage_error(capsys, tmp_path, value):
+    _fails_cleanly(capsys, ["m", "d.csv", "--seed", value, "--out", str(tmp_path / "o")], "--seed expects an "
+                   "integer from 0 to 4294967295", tmp_path / "o")
+
+
+def test_config_file_seed_is_checked_like_the_flag(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("seed = -1\n")
+    _fails_cleanly(capsys, ["m", "d.csv", "--config", str(cfg)], "seed")
+
+
+def test_config_file_that_is_not_utf8(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(b"\xff\xfe bad")
+    _fails_cleanly(capsys, ["m", "d.csv", "--config", str(cfg)], "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("low_recall.floor=nan", "must be finite and >= 0"),
+    ("constant_output.max_spread=inf", "must be finite and >= 0"),
+    ("low_recall.floor=-1", "must be finite and >= 0"),
+    ("low_recall.min_support=-3", "must be finite and >= 0"),
+    ("low_recall.floor=1.5", "is a share between 0 and 1"),
+    ("prediction_absorbed.alpha=0", "significance level"),
+    ("prediction_absorbed.alpha=-0.5", "must be finite and >= 0"),
+    ("untrained_head.init_ratio=[2.0, 0.5]", "(low, high) range"),
+])
+def test_set_refuses_values_a_check_cannot_use(item, expect):
+    with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        parse_set([item])
+
+
+def test_set_keeps_values_in_range():
+    assert parse_set(["low_recall.floor=0.6", "prediction_absorbed.alpha=0.05", "untrained_head.init_ratio=[0.25, 4]",
+                      "minority_gradient_ratio.max_ratio=8"]) == {
+        "low_recall": {"floor": 0.6}, "prediction_absorbed": {"alpha": 0.05},
+        "untrained_head": {"init_ratio": (0.25, 4.0)}, "minority_gradient_ratio": {"max_ratio": 8.0}}
+
+
+def test_max_length_below_the_special_tokens(capsys, tiny_collapsed, tmp_path):
+    _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--max-length", "1",
+                            "--out", str(tmp_path / "o"), "--quiet"],
+                   "--max-length 1 leaves no room for text: the tokenizer adds 2 special tokens", tmp_path / "o")
+
+
+def test_max_length_truncates_and_counts(tiny_collapsed, tmp_path):
+    code = main([str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--max-length", "4",
+                 "--out", str(tmp_path / "o"), "--quiet", "--format", "json"])
+    assert code in (0, 1)
+    probe = json.loads((tmp_path / "o" / "summary.json").read_text())["stats"]["tokenization"]
+    assert probe["max_length"] == 4
+    # every headline is longer than [CLS] + 2 tokens + [SEP]
+    assert probe["truncated_rows"] == len(tiny_collapsed["eval_df"])
+
+
+def test_grad_layers_beyond_the_model(capsys, tiny_collapsed, tmp_path):
+    err = _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--grad-sample", "4",
+                                  "--grad-layers", "100", "--out", str(tmp_path / "o"), "--quiet"],
+                         "--grad-layers 100 but the model has", tmp_path / "o")
+    assert "pass at most 2" in err
+
+
+@pytest.mark.parametrize("flag, target, expect", [
+    ("--out", "afile/sub", "is a file"),
+    ("--junit", "afile/j.xml", "is a file"),
+    ("--junit", "adir", "is a folder; pass a file name"),
+    ("--write-fixed", "afile/sub", "is a file"),
+])
+def test_unusable_output_paths_are_refused_before_the_probe(capsys, tiny_collapsed, tmp_path, flag, target,
+                                                            expect):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / "o"
+    argv = [str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--quiet", "--out", str(out),
+            flag, str(tmp_path / target)]
+    _fails_cleanly(capsys, argv, expect, out if flag != "--out" else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "staging"]
+
+
+def test_read_only_parent_is_refused(capsys, tmp_path, monkeypatch):
+    import os
+
+    import collapse_detect.outputs as outputs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # permission bits do not bind root (CI runs as root), so the check's answer for this folder is simulated
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    _fails_cleanly(capsys, ["m", "d.csv", "--out", str(locked / "o")], "no write permission in")
+    assert not (locked / "o").exists()
+
+
+def test_a_report_folder_holds_one_run(tiny_collapsed, tiny_trained, tmp_path):
+    out = tmp_path / "o"
+    assert main([str(tiny_trained["dir"]), str(tiny_trained["eval"]), "--out", str(out), "--quiet"]) == 0
+    first = {p.name for p in out.iterdir()}
+    assert {"report.html", "summary.md", "predictions.csv", "prior_vs_predicted.png", MANIFEST} <= first
+    (out / "notes.txt").write_text("mine")
+    assert main([str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--out", str(out), "--quiet",
+                 "--format", "json"]) == 1
+    # the HEALTHY report of the first run is gone; the user's own file stays
+    assert {p.name for p in out.iterdir()} == {"summary.json", "notes.txt", MANIFEST}
+    assert json.loads((out / "summary.json").read_text())["verdict"] == "COLLAPSE"
+    assert (out / MANIFEST).read_text().split() == ["summary.json"]
+
+
+def test_model_folder_without_tokenizer_files(capsys, tiny_collapsed, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_collapsed["dir"] / name, model / name)
+    _fails_cleanly(capsys, [str(model), str(tiny_collapsed["eval"]), "--out", str(tmp_path / "o")],
+                   "has no tokenizer files", tmp_path / "o")
+
+
+NASTY = ["[click](javascript:alert(1))", "![i](http://evil.example/x.png)", "a\nFAKE: collapse-detect: HEALTHY",
+         "esc\x1b[31mred", "tick`x``y"]
+
+
+def _nasty_predictions(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    n, k = 200, len(NASTY)
+    gold = rng.choice(k, n, p=[0.6, 0.1, 0.1, 0.1, 0.1])
+    probs = rng.dirichlet(np.ones(k), n)
+    probs[:, 0] += 2.0  # everything goes to the first class: findings name the others
+    probs /= probs.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame({"gold": [NASTY[g] for g in gold]})
+    for c, name in enumerate(NASTY):
+        frame[f"prob_{name}"] = probs[:, c]
+    path = tmp_path / "preds.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_class_names_stay_text_in_markdown_and_terminal(capsys, tmp_path):
+    path = _nasty_predictions(tmp_path)
+    out = tmp_path / "o"
+    code = main(["--predictions", str(path), "--out", str(out), "--format", "md,json"])
+    terminal = capsys.readouterr().out
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["class"] for c in summary["stats"]["per_class"]] == NASTY  # the data keeps its own names
+    md = (out / "summary.md").read_text()
+    for text in (md, terminal):
+        assert "\x1b" not in text
+        assert not any(line.startswith("FAKE") for line in text.splitlines())
+        assert "a\\nFAKE" in text
+    prose = re.sub(r"^(`{3,})python\n.*?^\1$", "", md, flags=re.S | re.M)  # code blocks show repr() names
+    assert prose.count("```") == 0 and "CLASS_WEIGHTS" not in prose
+    assert "](" not in prose.replace("\\](", "")  # no link or image syntax survives
+    assert "\\[click\\](javascript" in prose and "!\\[i\\](http" in prose
+    assert "tick\\`x\\`\\`y" in prose
+    assert "<" not in prose
