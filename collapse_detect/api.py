@@ -74,6 +74,14 @@ def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
     """Run the checks on computed statistics (re-judging a saved run needs nothing more)."""
     from .rootcause import infer_root_cause
 
+    present = [c for c in stats["per_class"] if c["support"] > 0]
+    if len(present) < 2:
+        source = metadata.get("data_file") or metadata.get("predictions_file") or "the eval data"
+        only = f"is {present[0]['class']!r}" if present else "is missing"
+        rows = f"{stats['n']} row" + ("s" if stats["n"] != 1 else "")
+        raise InputError(f"{str(source)!r}: every gold label {only} ({rows}): on one class a model that always "
+                         "predicts it cannot be told from a correct one; use an eval set with rows of at least two "
+                         "classes")
     findings = run_checks(stats, only=options.only, skip=options.skip, params=options.check_params)
     metadata["checks_run"] = checks_selected(options.only, options.skip)
     diagnosis = Diagnosis(findings, stats, metadata)

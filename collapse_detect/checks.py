@@ -334,9 +334,11 @@ def untrained_head(stats, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2
 
 @register("label_mapping_mismatch", title="id2label does not match the data's labels",
           measures="optimal assignment of predicted to gold classes (Hungarian)", severity="fail")
-def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 0.3):
+def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 0.3, min_support: int = 5):
     """Fail when re-mapping predicted classes (the best assignment, not the identity) reaches balanced
-    accuracy of at least ``min_mapped`` and at least ``min_gain`` above the identity mapping."""
+    accuracy of at least ``min_mapped`` and at least ``min_gain`` above the identity mapping, and every gold
+    class the re-mapping moves has at least ``min_support`` rows (on a handful of rows some permutation
+    always fits)."""
     perm = _evidence(stats, "label_permutation")
     if not perm or perm["is_identity"]:
         return []
@@ -344,7 +346,10 @@ def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 
     if perm["mapped_balanced_accuracy"] < min_mapped or gain < min_gain:
         return []
     names = stats["class_names"]
-    mapping = {names[int(p)]: names[int(g)] for p, g in perm["mapping"].items() if int(p) != int(g)}
+    moved = [(int(p), int(g)) for p, g in perm["mapping"].items() if int(p) != int(g)]
+    if any(stats["per_class"][g]["support"] < min_support for _, g in moved):
+        return []
+    mapping = {names[p]: names[g] for p, g in moved}
     shown = ", ".join(f"predicted '{p}' is gold '{g}'" for p, g in mapping.items())
     return [Finding(
         "label_mapping_mismatch", Severity.FAIL,

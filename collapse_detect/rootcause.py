@@ -62,10 +62,15 @@ def score_causes(stats: dict) -> dict[str, dict]:
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0
     gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"] if perm else 0.0
+    moved_support = [stats["per_class"][int(g)]["support"] for p, g in (perm.get("mapping") or {}).items()
+                     if int(p) != int(g)]
     if perm and not perm.get("is_identity", True) and gain > 0:
         pro.append(f"re-mapping classes {perm['mapping']} (predicted -> gold id) raises balanced accuracy from "
                    f"{perm['identity_balanced_accuracy']:.2f} to {perm['mapped_balanced_accuracy']:.2f}")
         s = 0.95 if perm["mapped_balanced_accuracy"] >= 0.6 and gain >= 0.3 else 0.4 if gain >= 0.15 else 0.1
+        if moved_support and min(moved_support) < 5:  # a handful of rows fits some permutation by chance
+            con.append(f"a re-mapped class has only {min(moved_support)} gold row(s)")
+            s = min(s, 0.1)
     else:
         con.append("the best assignment of predicted to gold classes is the identity")
     cause("label_mapping_mismatch", s, pro, con)

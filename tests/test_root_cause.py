@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,25 @@ def test_permuted_id2label_is_named_with_the_mapping(tiny_trained):
     finding = next(f for f in d.findings if f.check_id == "label_mapping_mismatch")
     assert "predicted 'politics' is gold 'sports'" in finding.summary
     assert d.stats["evidence"]["label_permutation"]["mapped_balanced_accuracy"] >= 0.8
+
+
+def test_a_permutation_fitted_to_a_handful_of_rows_is_not_a_mapping_mismatch(tmp_path):
+    # the bundled healthy model on its first 2 sports rows and first business row: it calls that business row
+    # politics, so the best assignment swaps business and politics, on one gold row and none
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    eval_df = pd.read_csv(root / "headlines_eval.csv")
+    small = tmp_path / "small.csv"
+    pd.concat([eval_df[eval_df.label == "sports"].head(2), eval_df[eval_df.label == "business"].head(1)]).to_csv(
+        small, index=False)
+    d = _diagnose(root / "models" / "healthy", small)
+    perm = d.stats["evidence"]["label_permutation"]
+    assert not perm["is_identity"] and perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"] >= 0.3
+    assert not [f for f in d.findings if f.check_id == "label_mapping_mismatch"]
+    scores = {c["cause"]: c["score"] for c in d.root_cause["candidates"]}
+    assert scores["label_mapping_mismatch"] <= 0.1
+    assert d.root_cause["cause"] != "label_mapping_mismatch"
 
 
 def test_broken_tokenizer_is_named(tiny_trained):

@@ -199,3 +199,13 @@ def test_class_names_stay_text_in_markdown_and_terminal(capsys, tmp_path):
     assert "\\[click\\](javascript" in prose and "!\\[i\\](http" in prose
     assert "tick\\`x\\`\\`y" in prose
     assert "<" not in prose
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_eval_set_of_one_class_is_refused(capsys, tiny_collapsed, tmp_path, rows):
+    path = tmp_path / "one.csv"
+    df = tiny_collapsed["eval_df"]
+    df[df.label == "business"].head(rows).to_csv(path, index=False)
+    err = _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(path), "--out", str(tmp_path / "o"), "--quiet"],
+                         f"every gold label is 'business' ({rows} row", tmp_path / "o")
+    assert "at least two classes" in err
