@@ -305,7 +305,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     from .checkpoint import GENERIC_LABEL, LoadedCheckpoint, ResolvedCheckpoint
     from .config import check_param, parse_check_list
-    from .data import Chunk, Columns, LabelMapper, check_label_names, detect_columns
+    from .data import Chunk, Columns, LabelMapper, check_label_names, detect_columns, row_id_text
     from .errors import ConfigError
     from .probe import run_probe
     from .runtime import choose_threads
@@ -376,7 +376,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
         values = frame[column]
         if values.isna().any():
             bad = row_ids[values.isna().to_numpy()][:5].tolist()
-            raise InputError(f"{source}: column {column!r} is empty at row(s) {', '.join(map(str, bad))}")
+            raise InputError(f"{source}: column {column!r} is empty at {row_id_text(bad)}")
         return [v if isinstance(v, str) else str(v) for v in values.tolist()]
 
     all_texts = texts_of(columns.text)

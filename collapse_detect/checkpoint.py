@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,11 +152,19 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise CheckpointError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(exc)}") from exc
     try:
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, use_safetensors=safe, weights_only=True,
-            output_loading_info=True,
-        )
+        with warnings.catch_warnings():  # torch's note on a pickle's protocol is not for the user to act on
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False, use_safetensors=safe, weights_only=True,
+                output_loading_info=True,
+            )
     except Exception as exc:
+        if not safe and "weights only load failed" in str(exc).lower():
+            # torch's own message suggests weights_only=False, which would run the pickle's code
+            raise UnsafeCheckpointError(
+                f"{str(path / weights_file)!r} holds more than tensors, so torch's safe loader "
+                "(weights_only=True) refused it; collapse-detect never loads it otherwise. Re-save the model "
+                "with save_pretrained(safe_serialization=True) where it was trained") from exc
         raise CheckpointError(f"cannot load a sequence-classification model from {str(path)!r}: "
                               f"{_first_line(exc)}") from exc
     model.eval()

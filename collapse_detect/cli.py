@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-
+    except KeyboardInterrupt:  # before the run started (reading the configuration, importing torch)
+        print("Error: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

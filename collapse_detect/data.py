@@ -230,18 +230,20 @@ class LabelMapper:
                 bad.append(repr(v))
             out[i] = -1
         if missing_rows:
-            raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at {_row_ids(missing_rows)}; "
+            raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at {row_id_text(missing_rows)}; "
                              "every row needs a gold label")
         if bad:
             raise InputError(self._unknown(bad, any_bool))
         return out
 
 
-def _row_ids(rows) -> str:
+def row_id_text(rows) -> str:
     """Row numbers as the messages give them: 0-based data rows (the header is not a row), as in the row_id
     column of predictions.csv."""
-    rows = list(rows)
-    return (f"row_id(s) {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''} "
+    rows = [int(r) for r in rows]
+    if len(rows) == 1:
+        return f"row_id {rows[0]} (a 0-based data row, as in predictions.csv)"
+    return (f"row_ids {', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''} "
             "(0-based data rows, as in predictions.csv)")
 
 
@@ -250,7 +252,7 @@ def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: st
     missing = series.isna().to_numpy()
     if missing.any():
         rows = row_ids[np.flatnonzero(missing)].tolist()
-        raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at {_row_ids(rows)}; "
+        raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at {row_id_text(rows)}; "
                          "drop or fill those rows")
     return [v if isinstance(v, str) else str(v) for v in series.tolist()]
 

@@ -110,7 +110,7 @@ def head_state(model, missing_keys: list[str], label_prior: list[float]) -> dict
     prior = np.asarray(label_prior, dtype=float)
     present = prior > 0
     corr = None
-    if present.sum() >= 3 and np.std(bias[present]) > 0:
+    if present.sum() >= 3 and np.std(bias[present]) > 0 and np.std(np.log(prior[present])) > 0:  # both vary
         corr = float(np.corrcoef(bias[present], np.log(prior[present]))[0, 1])
     return {
         "weight_std": float(weight.std()), "initializer_range": init_range,

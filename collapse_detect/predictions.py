@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LabelMapper, check_label_names, first_frame, iter_frames
+from .data import LabelMapper, check_label_names, first_frame, iter_frames, row_id_text
 from .errors import InputError
 from .stats import Accumulator, compute_stats
 
@@ -119,20 +119,21 @@ def _probabilities(frame: pd.DataFrame, columns: PredictionColumns, path, row_id
                          f"({str(exc).splitlines()[0][:120]})") from None
     bad = ~np.isfinite(probs).all(axis=1)
     if bad.any():
-        raise InputError(f"{str(path)!r}: missing or non-finite probability at row(s) "
-                         f"{', '.join(map(str, row_ids[bad][:5].tolist()))}")
+        raise InputError(f"{str(path)!r}: missing or non-finite probability at "
+                         f"{row_id_text(row_ids[bad].tolist())}")
     outside = ((probs < -1e-6) | (probs > 1 + 1e-6)).any(axis=1)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         j = int(np.flatnonzero((probs[i] < -1e-6) | (probs[i] > 1 + 1e-6))[0])
-        raise InputError(f"{str(path)!r}: {columns.probs[j]} = {probs[i, j]:.6g} at row {row_ids[i]} is not a "
-                         "probability in [0, 1]; if these are logits, apply softmax first")
+        raise InputError(f"{str(path)!r}: {columns.probs[j]} = {probs[i, j]:.6g} at {row_id_text([row_ids[i]])} "
+                         "is not a probability in [0, 1]; if these are logits, apply softmax first")
     sums = probs.sum(axis=1)
     off = np.abs(sums - 1.0) > SUM_TOLERANCE
     if off.any():
         i = int(np.flatnonzero(off)[0])
-        raise InputError(f"{str(path)!r}: the probabilities at row {row_ids[i]} sum to {sums[i]:.4g}, not 1; "
-                         f"write one {PROB_PREFIX}<class> column for every class, each row a distribution")
+        raise InputError(f"{str(path)!r}: the probabilities at {row_id_text([row_ids[i]])} sum to "
+                         f"{sums[i]:.4g}, not 1; write one {PROB_PREFIX}<class> column for every class, each row a "
+                         "distribution")
     return probs
 
 
@@ -151,7 +152,8 @@ def read_predictions(path, *, label_col=None, pred_col=None, label_names=None, s
         row_ids = np.arange(start, start + n, dtype=np.int64)
         for needed in [columns.gold, *(columns.probs or [columns.predicted])]:
             if needed not in frame.columns:
-                raise InputError(f"{str(path)!r}: column {needed!r} is missing at row {start}")
+                raise InputError(f"{str(path)!r}: column {needed!r} is missing at {row_id_text([start])} "
+                                 "and after")
         gold = gold_map(frame[columns.gold], row_ids)
         if columns.probs:
             probs = _probabilities(frame, columns, path, row_ids)

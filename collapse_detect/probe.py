@@ -256,7 +256,6 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
     capture = HeadCapture(head)
     runner = BatchRunner(model, capture, options.workers)
     unk_id = getattr(tokenizer, "unk_token_id", None)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     grad_rows = [Reservoir(options.grad_sample) for _ in class_names] if options.grad_sample > 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()

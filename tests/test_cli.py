@@ -101,7 +101,7 @@ def test_nan_texts_name_the_rows(tiny_trained, tmp_path, out_dir, capsys):
     path = tmp_path / "nan.csv"
     path.write_text("text,label\nhello,sports\n,politics\nworld,business\n")
     assert _bad(capsys, tiny_trained, path, out_dir=out_dir) == (
-        f"Error: {str(path)!r}: column 'text' (--text-col) is empty at row_id(s) 1 (0-based data rows, as in "
+        f"Error: {str(path)!r}: column 'text' (--text-col) is empty at row_id 1 (a 0-based data row, as in "
         "predictions.csv); drop or fill those rows")
 
 

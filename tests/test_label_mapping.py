@@ -52,8 +52,8 @@ def test_an_id_is_not_a_numeric_class_name():
         _map(["1", "2", "3"], [1, 2, 0])
     assert str(err.value) == (
         "'d.csv': column 'label' has labels the model does not know: 0; the model's classes are: 1, 2, 3 (its "
-        "class names include numbers, so integer labels are matched by name, not as ids); pass --label-names to rename the "
-        "model's ids in order (e.g. --label-names 0,1,2 when the data holds ids), or --label-col")
+        "class names include numbers, so integer labels are matched by name, not as ids); pass --label-names to "
+        "rename the model's ids in order (e.g. --label-names 0,1,2 when the data holds ids), or --label-col")
     assert "(or ids" not in str(err.value)
 
 
@@ -199,11 +199,11 @@ def test_rows_are_named_as_0_based_row_ids(tmp_path):
     path.write_text("text,label\nhello,sports\n,politics\nworld,\n")
     with pytest.raises(InputError) as err:
         _gold(path, NAMES)
-    assert str(err.value) == (f"{str(path)!r}: column 'text' (--text-col) is empty at row_id(s) 1 (0-based data "
-                              "rows, as in predictions.csv); drop or fill those rows")
+    assert str(err.value) == (f"{str(path)!r}: column 'text' (--text-col) is empty at row_id 1 (a 0-based data "
+                              "row, as in predictions.csv); drop or fill those rows")
     with pytest.raises(InputError) as err:
         _map(NAMES, ["sports", None, "business", np.nan])
-    assert str(err.value) == ("'d.csv': column 'label' is empty at row_id(s) 1, 3 (0-based data rows, as in "
+    assert str(err.value) == ("'d.csv': column 'label' is empty at row_ids 1, 3 (0-based data rows, as in "
                               "predictions.csv); every row needs a gold label")
 
 

@@ -153,10 +153,11 @@ def test_a_model_runs_predictions_csv_rejudged_gives_the_same_verdict_and_number
      "'{p}': no gold label column found (looked for gold, label, labels, y_true, true_label, ...); its columns "
      "are: text, predicted; pass --label-col"),
     (pd.DataFrame({"gold": ["a", "b"], "prob_a": [2.5, -1.0], "prob_b": [0.1, 0.2]}),
-     "'{p}': prob_a = 2.5 at row 0 is not a probability in [0, 1]; if these are logits, apply softmax first"),
+     "'{p}': prob_a = 2.5 at row_id 0 (a 0-based data row, as in predictions.csv) is not a probability in [0, 1]; "
+     "if these are logits, apply softmax first"),
     (pd.DataFrame({"gold": ["a", "b"], "prob_a": [0.5, 0.2], "prob_b": [0.5, 0.3]}),
-     "'{p}': the probabilities at row 1 sum to 0.5, not 1; write one prob_<class> column for every class, "
-     "each row a distribution"),
+     "'{p}': the probabilities at row_id 1 (a 0-based data row, as in predictions.csv) sum to 0.5, not 1; write "
+     "one prob_<class> column for every class, each row a distribution"),
     (pd.DataFrame({"gold": ["a", "c"], "prob_a": [0.5, 0.2], "prob_b": [0.5, 0.8]}),
      "'{p}': column 'gold' has labels the model does not know: 'c'; the model's classes are: a, b (or ids 0..1); "
      "pass --label-names to name the model's ids in order, or --label-col"),

@@ -209,3 +209,42 @@ def test_eval_set_of_one_class_is_refused(capsys, tiny_collapsed, tmp_path, rows
     err = _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(path), "--out", str(tmp_path / "o"), "--quiet"],
                          f"every gold label is 'business' ({rows} row", tmp_path / "o")
     assert "at least two classes" in err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_allow_pickle_never_runs_a_pickle_that_holds_code(capsys, tiny_collapsed, tmp_path):
+    import pickle
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in tiny_collapsed["dir"].iterdir():
+        if name.name != "model.safetensors":
+            shutil.copy(name, model / name.name)
+    marker = tmp_path / "ran"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode(marker), protocol=4))
+    err = _fails_cleanly(capsys, [str(model), str(tiny_collapsed["eval"]), "--allow-pickle", "--quiet",
+                                  "--out", str(tmp_path / "o")],
+                         "holds more than tensors, so torch's safe loader (weights_only=True) refused it",
+                         tmp_path / "o")
+    assert not marker.exists()
+    assert "weights_only=False" not in err  # no advice to load it unsafely
+
+
+def test_ctrl_c_before_the_run_is_one_line(capsys, monkeypatch):
+    import collapse_detect.config as config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "load_config", interrupted)
+    assert main(["m", "d.csv"]) == 130
+    assert capsys.readouterr().err == "Error: interrupted\n"
