@@ -70,22 +70,28 @@ def _versions() -> dict:
             "scikit_learn": sklearn.__version__, "python": platform.python_version()}
 
 
+def require_two_classes(stats: dict, source) -> None:
+    """Refuse an eval set whose gold labels are all one class (checked as soon as the statistics exist, before
+    the evidence passes): there the majority baseline is perfect and collapse cannot be judged."""
+    present = [c for c in stats["per_class"] if c["support"] > 0]
+    if len(present) >= 2:
+        return
+    only = f"is {present[0]['class']!r}" if present else "is missing"
+    rows = f"{stats['n']} row" + ("s" if stats["n"] != 1 else "")
+    raise InputError(f"{str(source)!r}: every gold label {only} ({rows}): on one class a model that always "
+                     "predicts it cannot be told from a correct one; use an eval set with rows of at least two "
+                     "classes")
+
+
 def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
     """Run the checks on computed statistics (re-judging a saved run needs nothing more)."""
     from .rootcause import infer_root_cause
 
-    present = [c for c in stats["per_class"] if c["support"] > 0]
-    if len(present) < 2:
-        source = metadata.get("data_file") or metadata.get("predictions_file") or "the eval data"
-        only = f"is {present[0]['class']!r}" if present else "is missing"
-        rows = f"{stats['n']} row" + ("s" if stats["n"] != 1 else "")
-        raise InputError(f"{str(source)!r}: every gold label {only} ({rows}): on one class a model that always "
-                         "predicts it cannot be told from a correct one; use an eval set with rows of at least two "
-                         "classes")
     findings = run_checks(stats, only=options.only, skip=options.skip, params=options.check_params)
     metadata["checks_run"] = checks_selected(options.only, options.skip)
     diagnosis = Diagnosis(findings, stats, metadata)
-    diagnosis.root_cause = infer_root_cause(stats, collapsed=bool(diagnosis.gating_findings("fail")))
+    diagnosis.root_cause = infer_root_cause(stats, collapsed=bool(diagnosis.gating_findings("fail")),
+                                            params=options.check_params)
     return diagnosis
 
 
@@ -157,6 +163,7 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
     if run.rows == 0:
         raise InputError(f"data file {str(data_file)!r} has no rows")
     stats = compute_stats(run.accumulator)
+    require_two_classes(stats, data_file)
     stats["model"] = {"generic_label_names": loaded.generic_label_names and not options.label_names,
                       "train_counts": _train_counts(options, outcome.class_names)}
     stats["tokenization"] = {

@@ -142,11 +142,12 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        # without them transformers may build an empty tokenizer from the config alone, and every row turns
-        # into unknown tokens: the report would blame the model for a folder that lacks its tokenizer
-        raise CheckpointError(f"{str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                              "save the tokenizer into the model folder: tokenizer.save_pretrained(folder)")
+    # Without its files transformers may build an empty tokenizer from the config alone, every row turns into
+    # unknown tokens, and the report would blame the model for a folder that lacks its tokenizer.
+    # (tokenizer_config.json alone serves the byte-level tokenizers, which have no vocabulary file)
+    if not any((path / name).is_file() for name in (*TOKENIZER_FILES, "tokenizer_config.json")):
+        raise CheckpointError(f"{str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save "
+                              "the tokenizer into the model folder: tokenizer.save_pretrained(folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder

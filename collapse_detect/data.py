@@ -137,8 +137,9 @@ def check_label_names(names, flag: str = "--label-names") -> list[str]:
     seen: set[str] = set()
     for position, name in enumerate(names, 1):
         if not name:
+            separated = ", separated by commas" if flag.startswith("--") else ""
             raise InputError(f"{flag} has an empty name (name {position} of {len(names)}); give one name per "
-                             "class, in the order of the model's ids, separated by commas")
+                             f"class, in the order of the model's ids{separated}")
         if name in seen:
             raise InputError(f"{flag} gives the name {name!r} more than once; each of the model's classes needs "
                              "its own name")
@@ -184,7 +185,7 @@ class LabelMapper:
             key = v.strip()
             if key in self.by_name:
                 return self.by_name[key]
-            if not key.lstrip("-").isdigit():
+            if not key.lstrip("-").isdecimal():  # not isdigit: "²" is a digit int() refuses
                 return None
             iv = int(key)
         elif isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):

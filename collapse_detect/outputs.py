@@ -15,6 +15,7 @@ from .errors import InputError
 
 FORMATS = ("html", "json", "md", "png", "csv")
 MANIFEST = ".collapse-detect-files"  # the names the last run wrote into its folder, one per line
+REPORT_FILES = frozenset({"report.html", "summary.json", "summary.md", "predictions.csv"})
 
 
 def _read_manifest(path: Path) -> set[str]:
@@ -28,10 +29,34 @@ def _read_manifest(path: Path) -> set[str]:
             if n and n == Path(n).name and n not in (".", "..", MANIFEST) and not n.startswith("/")}
 
 
+def _is_report_file(name: str) -> bool:
+    """Names a run can write: the fixed report files and the plots."""
+    return name in REPORT_FILES or (name.endswith(".png") and "/" not in name)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a report file an earlier run wrote; a folder, or a name no run writes, is left alone, and a file
+    that cannot be removed only stays behind."""
+    if not _is_report_file(path.name):
+        return
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    except OSError:
+        pass
+
+
 def check_writable(flag: str, path, *, folder: bool) -> None:
     """Before any work: ``path`` (a folder, or a file when ``folder`` is False) can be created or replaced.
     Raises InputError naming the flag."""
     path = Path(path)
+    try:
+        _check_writable(flag, path, folder)
+    except OSError as exc:  # a parent that cannot be searched, a name too long
+        raise InputError(f"{flag} {str(path)!r} cannot be used: {exc.strerror or exc}") from None
+
+
+def _check_writable(flag: str, path: Path, folder: bool) -> None:
     if path.exists():
         if folder and not path.is_dir():
             raise InputError(f"{flag} {str(path)!r} is a file; pass a folder")
@@ -81,23 +106,25 @@ class OutputWriter:
 
     def commit(self) -> Path:
         """Move every file into ``out_dir``, replacing files of an earlier run of the same name and removing the
-        ones an earlier run wrote there that this run does not (listed in ``MANIFEST``), so the folder always
-        holds one run. Nothing else in the folder is touched."""
+        report files an earlier run wrote there that this run does not (listed in ``MANIFEST``), so the folder
+        always holds one run. Nothing else in the folder is touched."""
         if self._pred_file is not None:
             self._pred_file.close()
         names = sorted(p.name for p in self.tmp.iterdir())
+        (self.tmp / MANIFEST).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             earlier = _read_manifest(self.out_dir / MANIFEST)
-            for name in names:
-                shutil.move(str(self.tmp / name), str(self.out_dir / name))
-            for name in sorted(earlier - set(names)):
-                (self.out_dir / name).unlink(missing_ok=True)
-            (self.out_dir / MANIFEST).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+            for name in [*names, MANIFEST]:
+                target = self.out_dir / name
+                if target.is_symlink():  # replace a link, never write through it
+                    target.unlink()
+                shutil.move(str(self.tmp / name), str(target))
         except OSError as exc:
             self.abort()
-            raise InputError(f"cannot write the report into --out {str(self.out_dir)!r}: "
-                             f"{exc.strerror or exc}") from exc
+            raise InputError(f"cannot write the report into {str(self.out_dir)!r}: {exc.strerror or exc}") from exc
+        for name in sorted(earlier - set(names)):
+            _remove_stale(self.out_dir / name)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return self.out_dir
 

@@ -196,7 +196,7 @@ def diagnose_predictions(path, options, *, pred_col=None):
     from dataclasses import replace
 
     from .analysis import label_permutation
-    from .api import judge
+    from .api import judge, require_two_classes
     from .checks import REGISTRY
     from .posthoc import evaluate_posthoc
 
@@ -205,6 +205,7 @@ def diagnose_predictions(path, options, *, pred_col=None):
                                           label_names=options.label_names, seed=options.seed,
                                           chunk_rows=options.chunk_rows)
     stats = compute_stats(acc)
+    require_two_classes(stats, path)
     stats["model"] = {"generic_label_names": False}
     # the evidence that arrays alone give; the rest needs the model (MODEL_ONLY_PARTS)
     stats["evidence"] = {"label_permutation": label_permutation(stats["confusion"])}

@@ -191,6 +191,10 @@ def _encode(tokenizer, texts, pairs, max_length):
 
     One tokenizer call for the whole chunk; only rows that are too long are tokenized again with truncation
     (the tokenizer's own strategy, so pairs are cut as transformers cuts them)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+    if max_length <= special:  # every row would be its special tokens alone
+        raise InputError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} "
+                         f"special tokens to each row; pass --max-length {special + 1} or more")
     enc = tokenizer(texts, pairs, truncation=False, padding=False, return_attention_mask=False,
                     add_special_tokens=True)
     enc = {key: list(enc[key]) for key in ("input_ids", "token_type_ids") if key in enc}
@@ -202,11 +206,6 @@ def _encode(tokenizer, texts, pairs, max_length):
         for key in enc:
             for j, i in enumerate(long_rows):
                 enc[key][i] = cut[key][j]
-        longest = max(len(x) for x in cut["input_ids"])
-        if longest > max_length:  # the tokenizer cannot cut below its own special tokens
-            special = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
-            raise InputError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} "
-                             f"special tokens to each row; pass --max-length {special + 1} or more")
     return enc, full_lengths
 
 

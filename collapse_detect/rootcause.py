@@ -7,6 +7,8 @@ guessing.
 
 from __future__ import annotations
 
+from .checks import REGISTRY
+
 CAUSES = {
     "label_mapping_mismatch": "id2label does not match the data's labels",
     "tokenizer_mismatch": "tokenizer mismatch (the model cannot read its input)",
@@ -26,7 +28,7 @@ def _get(d, *path, default=None):
     return d
 
 
-def score_causes(stats: dict) -> dict[str, dict]:
+def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
     """Every candidate's score and the evidence read for and against it."""
     ev = stats.get("evidence", {})
     out: dict[str, dict] = {}
@@ -62,13 +64,16 @@ def score_causes(stats: dict) -> dict[str, dict]:
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0
     gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"] if perm else 0.0
+    # the label_mapping_mismatch check's own threshold (--set label_mapping_mismatch.min_support=N included)
+    min_support = {**REGISTRY["label_mapping_mismatch"].defaults,
+                   **(params or {}).get("label_mapping_mismatch", {})}["min_support"]
     moved_support = [stats["per_class"][int(g)]["support"] for p, g in (perm.get("mapping") or {}).items()
                      if int(p) != int(g)]
     if perm and not perm.get("is_identity", True) and gain > 0:
         pro.append(f"re-mapping classes {perm['mapping']} (predicted -> gold id) raises balanced accuracy from "
                    f"{perm['identity_balanced_accuracy']:.2f} to {perm['mapped_balanced_accuracy']:.2f}")
         s = 0.95 if perm["mapped_balanced_accuracy"] >= 0.6 and gain >= 0.3 else 0.4 if gain >= 0.15 else 0.1
-        if moved_support and min(moved_support) < 5:  # a handful of rows fits some permutation by chance
+        if moved_support and min(moved_support) < min_support:  # a handful of rows fits a permutation by chance
             con.append(f"a re-mapped class has only {min(moved_support)} gold row(s)")
             s = min(s, 0.1)
     else:
@@ -215,11 +220,11 @@ def score_causes(stats: dict) -> dict[str, dict]:
     return out
 
 
-def infer_root_cause(stats: dict, collapsed: bool) -> dict | None:
+def infer_root_cause(stats: dict, collapsed: bool, params: dict | None = None) -> dict | None:
     """The most likely cause of a collapse, or None when there is no collapse to explain."""
     if not collapsed:
         return None
-    scored = sorted(score_causes(stats).values(), key=lambda c: c["score"], reverse=True)
+    scored = sorted(score_causes(stats, params).values(), key=lambda c: c["score"], reverse=True)
     best, second = scored[0], scored[1]
     margin = best["score"] - second["score"]
     if best["score"] < 0.4:

@@ -146,6 +146,11 @@ def test_a_permutation_fitted_to_a_handful_of_rows_is_not_a_mapping_mismatch(tmp
     scores = {c["cause"]: c["score"] for c in d.root_cause["candidates"]}
     assert scores["label_mapping_mismatch"] <= 0.1
     assert d.root_cause["cause"] != "label_mapping_mismatch"
+    # with the check's threshold lowered, the check and the root cause agree again
+    d = _diagnose(root / "models" / "healthy", small,
+                  check_params={"label_mapping_mismatch": {"min_support": 0}})
+    assert [f for f in d.findings if f.check_id == "label_mapping_mismatch"]
+    assert d.root_cause["cause"] == "label_mapping_mismatch"
 
 
 def test_broken_tokenizer_is_named(tiny_trained):

@@ -84,10 +84,13 @@ def test_set_keeps_values_in_range():
         "untrained_head": {"init_ratio": (0.25, 4.0)}, "minority_gradient_ratio": {"max_ratio": 8.0}}
 
 
-def test_max_length_below_the_special_tokens(capsys, tiny_collapsed, tmp_path):
-    _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--max-length", "1",
+@pytest.mark.parametrize("length", ["1", "2"])
+def test_max_length_without_room_for_text(capsys, tiny_collapsed, tmp_path, length):
+    # 2 is exactly [CLS] + [SEP]: every row would be the same two tokens
+    _fails_cleanly(capsys, [str(tiny_collapsed["dir"]), str(tiny_collapsed["eval"]), "--max-length", length,
                             "--out", str(tmp_path / "o"), "--quiet"],
-                   "--max-length 1 leaves no room for text: the tokenizer adds 2 special tokens", tmp_path / "o")
+                   f"--max-length {length} leaves no room for text: the tokenizer adds 2 special tokens",
+                   tmp_path / "o")
 
 
 def test_max_length_truncates_and_counts(tiny_collapsed, tmp_path):
@@ -152,13 +155,17 @@ def test_a_report_folder_holds_one_run(tiny_collapsed, tiny_trained, tmp_path):
     assert (out / MANIFEST).read_text().split() == ["summary.json"]
 
 
-def test_model_folder_without_tokenizer_files(capsys, tiny_collapsed, tmp_path):
+@pytest.mark.parametrize("kept, expect", [
+    (("config.json", "model.safetensors"), "has no tokenizer files"),
+    (("config.json", "model.safetensors", "tokenizer_config.json"), "cannot load the tokenizer from"),
+])
+def test_model_folder_without_tokenizer_files(capsys, tiny_collapsed, tmp_path, kept, expect):
     model = tmp_path / "model"
     model.mkdir()
-    for name in ("config.json", "model.safetensors"):
+    for name in kept:
         shutil.copy(tiny_collapsed["dir"] / name, model / name)
     _fails_cleanly(capsys, [str(model), str(tiny_collapsed["eval"]), "--out", str(tmp_path / "o")],
-                   "has no tokenizer files", tmp_path / "o")
+                   expect, tmp_path / "o")
 
 
 NASTY = ["[click](javascript:alert(1))", "![i](http://evil.example/x.png)", "a\nFAKE: collapse-detect: HEALTHY",
@@ -248,3 +255,28 @@ def test_ctrl_c_before_the_run_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(config, "load_config", interrupted)
     assert main(["m", "d.csv"]) == 130
     assert capsys.readouterr().err == "Error: interrupted\n"
+
+
+def test_an_unusable_name_is_a_usage_error(capsys, tmp_path):
+    _fails_cleanly(capsys, ["m", "d.csv", "--out", str(tmp_path / ("x" * 300) / "o")], "cannot be used: File name "
+                   "too long")
+
+
+def test_the_manifest_cannot_reach_outside_report_files(tiny_trained, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / MANIFEST).symlink_to(victim)  # a manifest that is a link is replaced, never written through
+    (out / "pyproject.toml").write_text("mine")
+    (out / "notes").mkdir()
+    assert main([str(tiny_trained["dir"]), str(tiny_trained["eval"]), "--out", str(out), "--quiet",
+                  "--format", "json"]) == 0
+    assert victim.read_text() == "keep" and not (out / MANIFEST).is_symlink()
+    # an edited manifest naming files no run writes, a folder and a path outside: none of them is touched
+    (out / MANIFEST).write_text("pyproject.toml\nnotes\n../victim.txt\nsummary.md\n")
+    (out / "summary.md").write_text("stale")
+    assert main([str(tiny_trained["dir"]), str(tiny_trained["eval"]), "--out", str(out), "--quiet",
+                  "--format", "json"]) == 0
+    assert (out / "pyproject.toml").read_text() == "mine" and (out / "notes").is_dir() and victim.exists()
+    assert not (out / "summary.md").exists()  # a report file the earlier run listed and this one did not write
