@@ -57,15 +57,19 @@ def test_weighted_trainer_snippet_trains_with_the_class_weights(tiny_trained, tm
     assert any("eval_macro_f1" in h for h in trainer.state.log_history)
 
 
-def test_resampling_snippet_draws_balanced_batches():
-    code = fixes.resampling_code(fixes.class_weights([90, 5, 5]))
-    labels = [0] * 90 + [1] * 5 + [2] * 5
-    data = torch.utils.data.TensorDataset(torch.tensor(labels))
-    ns = {"train_labels": labels, "train_dataset": data}
+def _drawn_shares(code: str, labels: list[int], k: int) -> torch.Tensor:
+    """Run the resampling snippet over a dataset of ``labels`` and return each class's share of 20 epochs of
+    draws (seeded)."""
+    ns = {"train_labels": labels, "train_dataset": torch.utils.data.TensorDataset(torch.tensor(labels))}
     torch.manual_seed(0)
     exec(compile(code, "resampling_snippet", "exec"), ns)
     drawn = torch.cat([torch.cat([b[0] for b in ns["loader"]]) for _ in range(20)])
-    share = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    return torch.bincount(drawn, minlength=k).float() / len(drawn)
+
+
+def test_resampling_snippet_draws_balanced_batches():
+    code = fixes.resampling_code(fixes.class_weights([90, 5, 5]))
+    share = _drawn_shares(code, [0] * 90 + [1] * 5 + [2] * 5, k=3)
     assert share.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3], abs=0.05)
 
 
@@ -130,11 +134,5 @@ def test_resampling_snippet_shows_the_loss_weights_and_samples_a_class_the_count
     code = fixes.resampling_code(weights)
     listed = fixes.weighted_trainer_code(["a", "b", "c", "d"], weights).split("CLASS_WEIGHTS = [")[1].split("]")[0]
     assert f"CLASS_WEIGHTS = torch.tensor([{listed}])" in code
-    labels = [0] * 60 + [1] * 20 + [2] * 20
-    data = torch.utils.data.TensorDataset(torch.tensor(labels))
-    ns = {"train_labels": labels, "train_dataset": data}
-    torch.manual_seed(0)
-    exec(compile(code, "resampling_snippet", "exec"), ns)
-    drawn = torch.cat([torch.cat([b[0] for b in ns["loader"]]) for _ in range(20)])
-    share = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    share = _drawn_shares(code, [0] * 60 + [1] * 20 + [2] * 20, k=4)
     assert share[2] > 0.3 and share[3] == 0
