@@ -120,11 +120,7 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     loaded = load_checkpoint(model_dir, allow_pickle=options.allow_pickle)
     class_names = loaded.class_names
     if options.label_names:
-        label_names = check_label_names(options.label_names, "--label-names")
-        if len(label_names) != len(class_names):
-            raise InputError(f"--label-names gives {len(label_names)} names but the model has "
-                             f"{len(class_names)} classes")
-        class_names = label_names
+        class_names = check_label_names(options.label_names, "--label-names", len(class_names))
     columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
                                   chunk_rows=options.chunk_rows, row_filter=row_filter)
@@ -350,11 +346,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
     generic = all(GENERIC_LABEL.match(n) for n in class_names)
     if label_names:
-        names = check_label_names(label_names, "label_names")
-        if len(names) != len(class_names):
-            raise InputError(f"label_names gives {len(names)} names but the model has {len(class_names)} "
-                             "classes")
-        class_names = names
+        class_names = check_label_names(label_names, "label_names", len(class_names))
 
     params: dict = {}
     for check_id, values in (check_params or {}).items():

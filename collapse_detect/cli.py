@@ -211,8 +211,9 @@ def _run(args) -> int:
         check_writable("--junit", args.junit, folder=False)
     if args.write_fixed:
         check_writable("--write-fixed", args.write_fixed, folder=True)
-    if args.write_fixed and Path(args.write_fixed).is_dir() and any(Path(args.write_fixed).iterdir()):
-        raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new folder")
+        if Path(args.write_fixed).is_dir() and any(Path(args.write_fixed).iterdir()):
+            raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new "
+                             "folder")
     if args.train_file and not Path(args.train_file).is_file():
         raise InputError(f"--train-file {args.train_file!r} does not exist")
     if args.predictions is not None and args.write_fixed:

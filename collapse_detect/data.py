@@ -131,9 +131,12 @@ def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=No
     return Columns(text=text, label=label, text_pair=pair)
 
 
-def check_label_names(names, flag: str = "--label-names") -> list[str]:
-    """The class names given for the model's ids, stripped; refuses an empty or a repeated name."""
+def check_label_names(names, flag: str = "--label-names", classes: int | None = None) -> list[str]:
+    """The class names given for the model's ids, stripped; refuses an empty or a repeated name, and a count
+    other than the model's ``classes``."""
     names = [str(n).strip() for n in names]
+    if classes is not None and len(names) != classes:
+        raise InputError(f"{flag} gives {len(names)} names but the model has {classes} classes")
     seen: set[str] = set()
     for position, name in enumerate(names, 1):
         if not name:
@@ -161,26 +164,25 @@ class LabelMapper:
 
     When class names are integers ("1", "2", "3": star ratings, -1/0/1 sentiment; or only some of them),
     integer labels are matched to those names and are never read as ids, so one column cannot mix the two
-    readings. Otherwise a label is a
-    class name first, then an id 0..k-1. True/false labels are matched to the names "true"/"false" (any case),
-    never taken as ids 1/0.
+    readings. Otherwise a label is a class name first, then an id 0..k-1. True/false labels are matched to the
+    names "true"/"false" (any case), never taken as ids 1/0.
     """
 
     def __init__(self, class_names: list[str], path, column: str):
         self.class_names = list(class_names)
         self.by_name = {name: i for i, name in enumerate(self.class_names)}
-        self.by_lower: dict[str, int] = {}
-        for i, name in enumerate(self.class_names):
-            self.by_lower.setdefault(str(name).strip().lower(), i)
+        self.by_bool: dict[bool, int] = {}  # True/False -> the class named "true"/"false" (any case)
+        for i, name in reversed(list(enumerate(self.class_names))):  # the first such name wins
+            if str(name).strip().lower() in ("true", "false"):
+                self.by_bool[str(name).strip().lower() == "true"] = i
         numbers = [_integer_name(name) for name in self.class_names]
-        self.by_number = ({n: i for i, n in enumerate(numbers) if n is not None}
-                          if any(n is not None for n in numbers) else None)
+        self.by_number = {n: i for i, n in enumerate(numbers) if n is not None} or None
         self.path = path
         self.column = column
 
     def _lookup(self, v, k: int) -> int | None:
         if isinstance(v, (bool, np.bool_)):
-            return self.by_lower.get("true" if v else "false")
+            return self.by_bool.get(bool(v))
         if isinstance(v, str):
             key = v.strip()
             if key in self.by_name:

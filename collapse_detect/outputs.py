@@ -25,8 +25,7 @@ def _read_manifest(path: Path) -> set[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return set()
-    return {n for n in (x.strip() for x in lines)
-            if n and n == Path(n).name and n not in (".", "..", MANIFEST) and not n.startswith("/")}
+    return {n for n in (x.strip() for x in lines) if n and n == Path(n).name and n not in ("..", MANIFEST)}
 
 
 def _is_report_file(name: str) -> bool:
