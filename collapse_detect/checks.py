@@ -168,13 +168,19 @@ def no_better_than_majority(stats, *, min_gain: float = 0.1, alpha: float = 0.01
     if test["gain"] >= min_gain and test["p_value"] < alpha:
         return []
     base = stats["majority_baseline"]
+    test_text = f"z = {test['z']:.1f}, p = {test['p_value']:.2g}"
+    if test["gain"] < min_gain:
+        why = f" ({test_text}; needs at least +{min_gain:g})"
+    else:  # the gain is large enough but the eval set too small to show it is not chance
+        why = f", but not significantly on {stats['n']} rows ({test_text}; needs p < {alpha:g})"
     return [Finding(
         "no_better_than_majority", Severity.FAIL,
         f"Balanced accuracy {stats['balanced_accuracy']:.3f} is {test['gain']:+.3f} from the "
-        f"{test['chance']:.3f} of always predicting '{base['class']}' (z = {test['z']:.1f}, "
-        f"p = {test['p_value']:.2g}); accuracy {stats['accuracy']:.3f} vs the baseline's {base['accuracy']:.3f}.",
+        f"{test['chance']:.3f} of always predicting '{base['class']}'{why}; accuracy {stats['accuracy']:.3f} "
+        f"vs the baseline's {base['accuracy']:.3f}.",
         evidence={"balanced_accuracy": stats["balanced_accuracy"], "test": test, "accuracy": stats["accuracy"],
-                  "macro_f1": stats["macro_f1"], "mcc": stats["mcc"], "majority_baseline": base},
+                  "macro_f1": stats["macro_f1"], "mcc": stats["mcc"], "majority_baseline": base,
+                  "min_gain": min_gain, "alpha": alpha, "underpowered": bool(test["gain"] >= min_gain)},
         classes=[base["class"]],
         cause="The model's decisions carry (almost) no information beyond the label prior.",
         fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),

@@ -220,6 +220,17 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
     return out
 
 
+def _too_few_rows(stats: dict, params: dict | None) -> str | None:
+    """Why the eval set is too small to tell the model from chance, or None: balanced accuracy is at least
+    no_better_than_majority's ``min_gain`` above 1/k, yet not significantly (its own ``alpha``, as configured)."""
+    limits = {**REGISTRY["no_better_than_majority"].defaults, **(params or {}).get("no_better_than_majority", {})}
+    test = stats.get("balanced_accuracy_test") or {}
+    if test.get("gain") is None or test["gain"] < limits["min_gain"] or test["p_value"] < limits["alpha"]:
+        return None
+    return (f"the eval set is too small to tell the model from chance: balanced accuracy is "
+            f"{test['gain']:+.2f} above 1/k, but p = {test['p_value']:.2g} on {stats['n']} rows")
+
+
 def infer_root_cause(stats: dict, collapsed: bool, params: dict | None = None) -> dict | None:
     """The most likely cause of a collapse, or None when there is no collapse to explain."""
     if not collapsed:
@@ -234,6 +245,10 @@ def infer_root_cause(stats: dict, collapsed: bool, params: dict | None = None) -
     from .fixes import fix_for_cause
 
     confidence = "high" if best["score"] >= 0.8 and margin >= 0.2 else "medium" if margin >= 0.1 else "low"
+    small = _too_few_rows(stats, params)
+    if small:  # whatever the evidence says, it rests on too few rows
+        confidence = "low"
+        best = {**best, "evidence_against": best["evidence_against"] + [small]}
     fix = fix_for_cause(best["cause"], stats)
     return {**best, "confidence": confidence, "runner_up": second["cause"],
             "fix": fix.to_dict() if fix else None, "candidates": scored}

@@ -77,6 +77,20 @@ def test_no_better_than_majority_fires_on_a_coin_flip_and_not_on_skill():
     assert REGISTRY["no_better_than_majority"].func(stats_for(gold, good, 2)) == []
 
 
+def test_no_better_than_majority_names_the_criterion_it_failed():
+    # 2 of 3 classes right on 2 rows each: +0.333 over 1/3, but p = 0.014 on 6 rows (alpha 0.01)
+    gold = np.repeat([0, 1, 2], 2)
+    pred = np.array([0, 0, 1, 1, 1, 1])
+    [f] = REGISTRY["no_better_than_majority"].func(stats_for(gold, pred, 3))
+    assert f.evidence["test"]["gain"] == pytest.approx(1 / 3) and 0.01 < f.evidence["test"]["p_value"] < 0.02
+    assert f.evidence["underpowered"] is True
+    assert "but not significantly on 6 rows (z = 2.2, p = 0.014; needs p < 0.01)" in f.summary
+    assert REGISTRY["no_better_than_majority"].func(stats_for(gold, pred, 3), alpha=0.05) == []
+    # a gain under min_gain is named as such
+    [f] = REGISTRY["no_better_than_majority"].func(stats_for(gold, pred, 3), min_gain=0.4)
+    assert f.evidence["underpowered"] is False and "; needs at least +0.4)" in f.summary
+
+
 def test_constant_output_separates_constant_from_ranked_scores():
     gold = np.repeat([0, 1, 2], [60, 20, 20])
     pred = np.zeros(100, dtype=int)

@@ -153,6 +153,29 @@ def test_a_permutation_fitted_to_a_handful_of_rows_is_not_a_mapping_mismatch(tmp
     assert d.root_cause["cause"] == "label_mapping_mismatch"
 
 
+def test_a_cause_read_from_too_few_rows_has_low_confidence(tmp_path):
+    # the bundled healthy model on 2 rows of each class: it gets 4 of 6 right, +0.33 over chance but p = 0.014,
+    # so the eval set fails no_better_than_majority; whatever cause scores best rests on 6 rows
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    eval_df = pd.read_csv(root / "headlines_eval.csv")
+    small = tmp_path / "six.csv"
+    pd.concat([eval_df[eval_df.label == c].head(2) for c in ("sports", "politics", "business")]).to_csv(
+        small, index=False)
+    d = _diagnose(root / "models" / "healthy", small)
+    [f] = [f for f in d.findings if f.severity is Severity.FAIL]
+    assert f.check_id == "no_better_than_majority" and f.evidence["underpowered"]
+    assert d.root_cause["score"] >= 0.8  # the evidence alone would have said "high"
+    assert d.root_cause["confidence"] == "low"
+    p = d.stats["balanced_accuracy_test"]["p_value"]
+    assert d.root_cause["evidence_against"][-1] == ("the eval set is too small to tell the model from chance: "
+                                                    f"balanced accuracy is +0.33 above 1/k, but p = {p:.2g} on 6 rows")
+    # a threshold the 6 rows do meet: no collapse, no cause
+    d = _diagnose(root / "models" / "healthy", small, check_params={"no_better_than_majority": {"alpha": 0.05}})
+    assert d.root_cause is None
+
+
 def test_broken_tokenizer_is_named(tiny_trained):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
