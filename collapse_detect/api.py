@@ -43,16 +43,14 @@ def _train_counts(options: RunOptions, class_names: list[str]) -> list[int] | No
     """Label counts of the training file (``--train-file``), for class weights and the training prior."""
     if not options.train_file:
         return None
-    from .data import detect_columns, iter_frames, LabelMapper
+    from .data import detect_columns, first_frame, LabelMapper
 
     counts = np.zeros(len(class_names), dtype=np.int64)
-    mapper = None
+    first, frames = first_frame(options.train_file, options.chunk_rows, "training file (--train-file)")
+    columns = detect_columns(first, options.train_file, text_col=options.text_col, label_col=options.label_col)
+    mapper = LabelMapper(class_names, options.train_file, columns.label)
     start = 0
-    for frame in iter_frames(options.train_file, options.chunk_rows):
-        if mapper is None:
-            columns = detect_columns(frame, options.train_file, text_col=options.text_col,
-                                     label_col=options.label_col)
-            mapper = LabelMapper(class_names, options.train_file, columns.label)
+    for frame in (first, *frames):
         ids = mapper(frame[columns.label], np.arange(start, start + len(frame)))
         counts += np.bincount(ids, minlength=len(class_names))
         start += len(frame)
@@ -103,6 +101,7 @@ class ProbeOutcome:
     class_names: list[str]
     columns: object
     run: object
+    train_counts: list[int] | None = None  # --train-file's label counts, read before the probe
 
 
 def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_filter=None,
@@ -124,6 +123,7 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     columns, chunks = iter_chunks(data_file, class_names, text_col=options.text_col,
                                   text_pair_col=options.text_pair_col, label_col=options.label_col,
                                   chunk_rows=options.chunk_rows, row_filter=row_filter)
+    train_counts = _train_counts(options, class_names)  # a bad training file fails before the probe
     callback = None if on_chunk is None else (lambda chunk, probs: on_chunk(chunk, probs, class_names))
     from .runtime import apply_threads
 
@@ -133,7 +133,7 @@ def probe_files(model_dir, data_file, options: RunOptions, on_chunk=None, row_fi
     probe_options.workers = runtime["threads"]  # one batch per chosen thread (probe.BatchRunner)
     run = run_probe(loaded.model, loaded.tokenizer, chunks, class_names, probe_options, on_chunk=callback)
     run.runtime.update(runtime)
-    return ProbeOutcome(loaded, class_names, columns, run)
+    return ProbeOutcome(loaded, class_names, columns, run, train_counts)
 
 
 def probe_options_for(options: RunOptions):
@@ -161,7 +161,7 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
     stats = compute_stats(run.accumulator)
     require_two_classes(stats, data_file)
     stats["model"] = {"generic_label_names": loaded.generic_label_names and not options.label_names,
-                      "train_counts": _train_counts(options, outcome.class_names)}
+                      "train_counts": outcome.train_counts}
     stats["tokenization"] = {
         "max_length": run.max_length, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
         "truncated_rows": run.truncated_rows, "truncation_rate": run.truncated_rows / run.rows,
@@ -308,7 +308,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     from .checkpoint import GENERIC_LABEL, LoadedCheckpoint, ResolvedCheckpoint
     from .config import check_param, parse_check_list
-    from .data import Chunk, Columns, LabelMapper, check_label_names, detect_columns, row_id_text
+    from .data import Chunk, Columns, LabelMapper, check_label_names, column_texts, detect_columns
     from .errors import ConfigError
     from .probe import run_probe
     from .runtime import choose_threads
@@ -371,15 +371,9 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     row_ids = np.arange(len(frame), dtype=np.int64)
     gold = mapper(frame[columns.label], row_ids)
 
-    def texts_of(column):
-        values = frame[column]
-        if values.isna().any():
-            bad = row_ids[values.isna().to_numpy()][:5].tolist()
-            raise InputError(f"{source}: column {column!r} is empty at {row_id_text(bad)}")
-        return [v if isinstance(v, str) else str(v) for v in values.tolist()]
-
-    all_texts = texts_of(columns.text)
-    all_pairs = texts_of(columns.text_pair) if columns.text_pair else None
+    all_texts = column_texts(frame, columns.text, source, row_ids, "text_col")
+    all_pairs = (column_texts(frame, columns.text_pair, source, row_ids, "text_pair_col")
+                 if columns.text_pair else None)
     step = options.chunk_rows
     chunks = [Chunk(row_ids[i:i + step], all_texts[i:i + step], None if all_pairs is None else all_pairs[i:i + step],
                     gold[i:i + step]) for i in range(0, len(frame), step)]
@@ -387,7 +381,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     def keep(chunk, probs):
         if keep_predictions:
-            kept.append((chunk.row_ids, chunk.gold, np.asarray(probs, dtype=np.float64)))
+            kept.append((chunk.row_ids, chunk.gold, np.asarray(probs)))
 
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     resolved = ResolvedCheckpoint(Path("."), Path("."), "in-memory model passed to collapse_detect.diagnose()")

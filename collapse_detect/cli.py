@@ -186,7 +186,7 @@ def _run(args) -> int:
     model_dir = Path(args.model_dir) if args.model_dir is not None else None
     default_name = model_dir.resolve().name if model_dir is not None else Path(args.predictions).stem
     out_dir = Path(args.out) if args.out else Path("reports") / (default_name or "model")
-    label_names = [x.strip() for x in args.label_names.split(",")] if args.label_names else None
+    label_names = [x.strip() for x in args.label_names.split(",")] if args.label_names is not None else None
     options = RunOptions(
         text_col=args.text_col, text_pair_col=args.text_pair_col, label_col=args.label_col, label_names=label_names,
         batch_size=args.batch_size, max_length=args.max_length, max_tokens_per_batch=args.max_tokens_per_batch,

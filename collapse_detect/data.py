@@ -6,6 +6,7 @@ values and the flag that fixes it.
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,21 +50,49 @@ def file_format(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
-def iter_frames(path: str | os.PathLike, chunk_rows: int = 8192) -> Iterator[pd.DataFrame]:
-    """Yield the file as DataFrames of at most ``chunk_rows`` rows, without reading it whole."""
-    fmt = file_format(path)
+def tsv_quoting(path: str | os.PathLike) -> int:
+    """How to read a TSV file's double quotes. Files written by pandas or the csv module quote a field only
+    when it holds a tab, a newline or a quote, so every quoted field closes right before a tab or the line's
+    end, on the line it opened. Many TSV files (GLUE and most corpus dumps) hold raw text instead, where
+    ``"Quoted" headline`` is text: read as CSV, it would lose its quotes or swallow the rows up to the next
+    quote. Quotes are taken as quoting only when every quoted field is well-formed and on one line."""
     p = Path(path)
+    with p.open("rb") as f:
+        if not any(b'"' in block for block in iter(lambda: f.read(1 << 20), b"")):
+            return csv.QUOTE_MINIMAL
+    try:
+        with p.open(encoding="utf-8-sig", newline="") as f:
+            for row in csv.reader(f, delimiter="\t", strict=True):
+                if any("\n" in field or "\r" in field for field in row):
+                    return csv.QUOTE_NONE
+    except (csv.Error, UnicodeDecodeError):
+        return csv.QUOTE_NONE
+    return csv.QUOTE_MINIMAL
+
+
+def iter_frames(path: str | os.PathLike, chunk_rows: int = 8192, what: str = "data file") -> Iterator[pd.DataFrame]:
+    """Yield the file as DataFrames of at most ``chunk_rows`` rows, without reading it whole.
+
+    CSV and TSV cells are read as the strings they are (a label ``01`` stays ``01``, ``NA`` and ``None`` are
+    text): only an empty cell is missing. JSON lines and Parquet keep their own types."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a folder, not a file")
+    fmt = file_format(path)
     if not p.is_file():
-        raise InputError(f"data file {str(path)!r} does not exist")
+        raise InputError(f"{what} {str(path)!r} does not exist")
     if p.stat().st_size == 0:
-        raise InputError(f"data file {str(path)!r} is empty")
+        raise InputError(f"{what} {str(path)!r} is empty")
     try:
         if fmt in ("csv", "tsv"):
-            reader = pd.read_csv(p, sep="," if fmt == "csv" else "\t", chunksize=chunk_rows,
-                                 keep_default_na=True, na_values=[""], dtype_backend="numpy_nullable")
+            sep = "," if fmt == "csv" else "\t"
+            quoting = csv.QUOTE_MINIMAL if fmt == "csv" else tsv_quoting(p)
+            _check_header(p, sep, quoting)
+            reader = pd.read_csv(p, sep=sep, chunksize=chunk_rows, dtype=str, keep_default_na=False,
+                                 na_values=[""], quoting=quoting, encoding="utf-8-sig")
             yield from reader
         elif fmt == "jsonl":
-            yield from pd.read_json(p, lines=True, chunksize=chunk_rows, dtype=False)
+            yield from pd.read_json(p, lines=True, chunksize=chunk_rows, dtype=False, encoding="utf-8-sig")
         else:
             import pyarrow.parquet as pq
 
@@ -78,13 +107,27 @@ def iter_frames(path: str | os.PathLike, chunk_rows: int = 8192) -> Iterator[pd.
         raise InputError(f"cannot read {str(path)!r} as {fmt}: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def _check_header(path: Path, sep: str, quoting: int) -> None:
+    """Refuse a header that names a column twice (pandas would rename the second copy and read the first)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise InputError(f"{str(path)!r}: the header names column {name!r} twice; rename one of them")
+        seen.add(name)
+
+
 def _is_text(series: pd.Series) -> bool:
+    """Strings that are not all numbers (a CSV's id column is read as strings too)."""
     values = series.dropna()
     if values.empty:
         return False
     if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         return False
-    return bool(values.map(lambda v: isinstance(v, str)).all())
+    if not values.map(lambda v: isinstance(v, str)).all():
+        return False
+    return bool(pd.to_numeric(values, errors="coerce").isna().any())
 
 
 def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=None, label_col=None) -> Columns:
@@ -110,6 +153,9 @@ def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=No
                              f"...); its columns are: {listed}; pass --label-col")
     if text is None:
         text = next((lower[n] for n in TEXT_COLUMN_NAMES if n in lower and lower[n] not in (label, pair)), None)
+    if text is None and pair is not None and pair.lower() in TEXT_COLUMN_NAMES:
+        raise InputError(f"{str(path)!r}: column {pair!r} is the text pair (--text-pair-col), so the first text "
+                         "is not known; pass --text-col")
     if text is None:
         string_cols = [c for c in columns if c not in (label, pair) and _is_text(frame[c])]
         if len(string_cols) == 1:
@@ -136,7 +182,8 @@ def check_label_names(names, flag: str = "--label-names", classes: int | None = 
     other than the model's ``classes``."""
     names = [str(n).strip() for n in names]
     if classes is not None and len(names) != classes:
-        raise InputError(f"{flag} gives {len(names)} names but the model has {classes} classes")
+        raise InputError(f"{flag} gives {len(names)} name{'s' if len(names) != 1 else ''} but the model has "
+                         f"{classes} classes")
     seen: set[str] = set()
     for position, name in enumerate(names, 1):
         if not name:
@@ -187,9 +234,14 @@ class LabelMapper:
             key = v.strip()
             if key in self.by_name:
                 return self.by_name[key]
-            if not key.lstrip("-").isdecimal():  # not isdigit: "²" is a digit int() refuses
+            if key.lower() in ("true", "false"):  # a CSV's True/False, read as text
+                return self.by_bool.get(key.lower() == "true")
+            if key.lstrip("-").isdecimal():  # not isdigit: "²" is a digit int() refuses
+                iv = int(key)
+            elif key.lstrip("-").replace(".", "", 1).isdecimal() and float(key).is_integer():
+                iv = int(float(key))  # "2.0": an id column written as floats
+            else:
                 return None
-            iv = int(key)
         elif isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
             iv = int(v)
         else:
@@ -221,14 +273,15 @@ class LabelMapper:
         any_bool = False
         missing_rows: list[int] = []
         for i, v in enumerate(values.tolist()):
-            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or (isinstance(v, str)
+                                                                                    and not v.strip()):
                 missing_rows.append(int(row_ids[i]))
                 continue
             found = self._lookup(v, k)
             if found is not None:
                 out[i] = found
                 continue
-            any_bool = any_bool or isinstance(v, (bool, np.bool_))
+            any_bool = any_bool or isinstance(v, (bool, np.bool_)) or str(v).strip().lower() in ("true", "false")
             if len(bad) < 5 and repr(v) not in bad:
                 bad.append(repr(v))
             out[i] = -1
@@ -250,9 +303,11 @@ def row_id_text(rows) -> str:
             "(0-based data rows, as in predictions.csv)")
 
 
-def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: str) -> list[str]:
+def column_texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: str) -> list[str]:
+    """The column's texts; a missing, empty or blank text is refused in every format (the model would see
+    only its special tokens)."""
     series = frame[column]
-    missing = series.isna().to_numpy()
+    missing = series.isna().to_numpy() | series.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(bool)
     if missing.any():
         rows = row_ids[np.flatnonzero(missing)].tolist()
         raise InputError(f"{str(path)!r}: column {column!r} ({flag}) is empty at {row_id_text(rows)}; "
@@ -262,7 +317,7 @@ def _texts(frame: pd.DataFrame, column: str, path, row_ids: np.ndarray, flag: st
 
 def first_frame(path, chunk_rows: int, what: str = "data file") -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
     """The first chunk of a file (it decides the columns) and an iterator over the rest."""
-    frames = iter_frames(path, chunk_rows)
+    frames = iter_frames(path, chunk_rows, what)
     first = next(frames, None)
     if first is None or len(first) == 0:
         raise InputError(f"{what} {str(path)!r} has no rows")
@@ -292,8 +347,8 @@ def iter_chunks(path, class_names: list[str], *, text_col=None, text_pair_col=No
             keep = np.ones(n, dtype=bool) if row_filter is None else row_filter(row_ids)
             sub = frame.iloc[np.flatnonzero(keep)]
             kept = row_ids[keep]
-            texts = _texts(sub, columns.text, path, kept, "--text-col")
-            pairs = (_texts(sub, columns.text_pair, path, kept, "--text-pair-col")
+            texts = column_texts(sub, columns.text, path, kept, "--text-col")
+            pairs = (column_texts(sub, columns.text_pair, path, kept, "--text-pair-col")
                      if columns.text_pair else None)
             gold = mapper(sub[columns.label], kept)
             yield Chunk(kept, texts, pairs, gold)

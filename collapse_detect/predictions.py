@@ -27,7 +27,7 @@ PROB_PREFIX = "prob_"
 GOLD_COLUMN_NAMES = ("gold", "label", "labels", "y_true", "true_label", "target", "class", "category", "y")
 PRED_COLUMN_NAMES = ("predicted", "prediction", "pred", "predicted_label", "y_pred", "predicted_class")
 PROB_FLOOR = 1e-12  # log(0) would make the logits -inf; 1e-12 is far below any probability that matters
-SUM_TOLERANCE = 0.01  # rounded probabilities (predictions.csv keeps 6 digits) still sum to 1 within this
+SUM_TOLERANCE = 0.01  # probabilities rounded to 2 decimals still sum to 1 within this (and float error)
 
 MODEL_ONLY_PARTS = {
     "gradient_norms": "needs the model's weights",
@@ -57,6 +57,13 @@ def _pick(columns: list[str], wanted: str | None, names, flag: str, path, exclud
         return wanted
     lower = {c.lower(): c for c in columns if c not in exclude}
     return next((lower[n] for n in names if n in lower), None)
+
+
+def _label_text(value) -> str:
+    """A label as text; an integer-valued float (an id column with gaps, read as floats) as its integer."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def _natural_classes(values: set) -> list[str]:
@@ -99,11 +106,15 @@ def detect_prediction_columns(path, first: pd.DataFrame, *, label_col=None, pred
                          f"{_listed(columns)}; pass --pred-col")
     if label_names:
         return PredictionColumns(gold, list(label_names), predicted=pred)
-    values: set = set()
-    for frame in iter_frames(path):  # labels-only files are two small columns: a first pass finds the classes
+    seen: dict[str, set] = {gold: set(), pred: set()}
+    for frame in iter_frames(path, what="predictions file"):  # two small columns: a first pass finds the classes
         for column in (gold, pred):
-            values.update(v for v in frame[column].dropna().tolist())
-    names = _natural_classes(values)
+            seen[column].update(_label_text(v) for v in frame[column].dropna().tolist())
+    if seen[gold] and seen[pred] and not seen[gold] & seen[pred]:
+        raise InputError(f"{str(path)!r}: the gold labels ({_listed(sorted(seen[gold]))}) and the predicted labels "
+                         f"({_listed(sorted(seen[pred]))}) share no value, so no row could be right; write both "
+                         "columns with the same class names, or pass --label-names to name the ids in class order")
+    names = _natural_classes(seen[gold] | seen[pred])
     if len(names) < 2:
         only = names[0] if names else "none"
         raise InputError(f"{str(path)!r}: the gold and predicted labels hold one class only ({only}); "
@@ -128,7 +139,7 @@ def _probabilities(frame: pd.DataFrame, columns: PredictionColumns, path, row_id
         raise InputError(f"{str(path)!r}: {columns.probs[j]} = {probs[i, j]:.6g} at {row_id_text([row_ids[i]])} "
                          "is not a probability in [0, 1]; if these are logits, apply softmax first")
     sums = probs.sum(axis=1)
-    off = np.abs(sums - 1.0) > SUM_TOLERANCE
+    off = np.abs(sums - 1.0) > SUM_TOLERANCE + 1e-9
     if off.any():
         i = int(np.flatnonzero(off)[0])
         raise InputError(f"{str(path)!r}: the probabilities at {row_id_text([row_ids[i]])} sum to "

@@ -89,7 +89,7 @@ def test_true_false_labels_without_such_class_names_are_unknown(tmp_path):
     with pytest.raises(InputError) as err:
         _gold(path, NAMES)
     assert str(err.value) == (
-        f"{str(path)!r}: column 'label' has labels the model does not know: True, False; true/false labels are "
+        f"{str(path)!r}: column 'label' has labels the model does not know: 'true', 'false'; true/false labels are "
         "matched to class names, never taken as ids; the model's classes are: sports, politics, business (or ids "
         "0..2); pass --label-names to name the model's ids in order, or --label-col")
     with pytest.raises(InputError, match="does not know: True"):
@@ -104,7 +104,7 @@ def test_true_false_labels_through_the_cli_exit_2(tmp_path, capsys, monkeypatch)
     code = main([str(HEALTHY), str(data), "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "labels the model does not know: False, True" in err
+    assert "labels the model does not know: 'False', 'True'" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -280,3 +280,28 @@ def test_the_manifest_cannot_reach_outside_report_files(tiny_trained, tmp_path):
                   "--format", "json"]) == 0
     assert (out / "pyproject.toml").read_text() == "mine" and (out / "notes").is_dir() and victim.exists()
     assert not (out / "summary.md").exists()  # a report file the earlier run listed and this one did not write
+
+
+def test_names_plots_cannot_draw_or_parse_still_make_a_report(capsys, tmp_path):
+    # "$...$" would start matplotlib's math mode (and fail to parse), CJK is missing from its default font,
+    # ESC is a control character: the report is written, no warning, and the terminal table stays aligned
+    import warnings
+
+    names = ["$\\frac$", "日本語ニュース", "esc\x1b[31mred"]
+    rng = np.random.default_rng(1)
+    gold = rng.choice(3, 90)
+    probs = np.eye(3)[gold] * 0.6 + 0.4 / 3
+    frame = pd.DataFrame({"gold": [names[g] for g in gold], **{f"prob_{n}": probs[:, c] for c, n in enumerate(names)}})
+    path = tmp_path / "preds.csv"
+    frame.to_csv(path, index=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["--predictions", str(path), "--out", str(tmp_path / "o")])
+    terminal = capsys.readouterr().out
+    assert code == 0
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    written = {p.name for p in (tmp_path / "o").iterdir()}
+    assert {"prior_vs_predicted.png", "confusion_matrix.png", "report.html"} <= written
+    table = terminal.splitlines()[2:6]
+    assert table[0].lstrip().startswith("class") and "esc\\x1b[31mred" in terminal
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import matplotlib
 
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..stats import MAX_CLASSES, classes_to_show  # noqa: E402
+from .render import visible  # noqa: E402
 
 COLORS = {"prior": "#9aa5b1", "pred": "#d64545", "ok": "#3f8f5a", "bad": "#d64545", "base": "#555"}
 
@@ -23,7 +25,10 @@ def _png(fig) -> bytes:
 
 
 def _labels(names: list[str], width: int = 18) -> list[str]:
-    return [n if len(n) <= width else n[: width - 1] + "…" for n in names]
+    """Class names as tick labels: control characters escaped, cut to ``width``, and ``$`` kept literal (two
+    of them would start matplotlib's math mode, which can fail to parse)."""
+    names = [visible(n) for n in names]
+    return [(n if len(n) <= width else n[: width - 1] + "…").replace("$", r"\$") for n in names]
 
 
 def _shown(stats: dict, limit: int = MAX_CLASSES, by: str = "gold or predicted") -> tuple[np.ndarray, str]:
@@ -199,7 +204,14 @@ def reliability_diagram(stats: dict) -> bytes | None:
 
 
 def all_plots(stats: dict) -> dict[str, bytes]:
-    """Every plot the report shows, by file name."""
+    """Every plot the report shows, by file name. A class name in a script the font lacks is drawn as boxes
+    (the report's tables show it whole), without matplotlib's warning on stderr."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        return _all_plots(stats)
+
+
+def _all_plots(stats: dict) -> dict[str, bytes]:
     plots = {
         "prior_vs_predicted.png": prior_vs_predicted(stats),
         "recall_by_class.png": recall_by_class(stats),

@@ -162,13 +162,14 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     rc = diagnosis.root_cause
     if rc:
         out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']})")
-    width = max([len(c["class"]) for c in s["per_class"]] + [5])
-    width = min(width, 24)
+    shown = classes_to_show(s)
+    names = {i: visible(s["per_class"][i]["class"]) for i in shown}  # widths as printed, escapes included
+    width = min(max([len(n) for n in names.values()] + [5]), 24)
     out.append("")
     out.append(f"  {'class':<{width}}  {'support':>7}  {'prior':>6}  {'pred':>6}  {'recall':>6}  {'F1':>5}")
-    shown = classes_to_show(s)
-    for c in (s["per_class"][i] for i in shown):
-        name = c["class"] if len(c["class"]) <= width else c["class"][: width - 1] + "~"
+    for i in shown:
+        c, name = s["per_class"][i], names[i]
+        name = name if len(name) <= width else name[: width - 1] + "~"
         out.append(f"  {name:<{width}}  {c['support']:>7}  {c['prior']:>6.3f}  {c['prediction_share']:>6.3f}  "
                    f"{c['recall']:>6.3f}  {c['f1']:>5.3f}")
     if len(shown) < s["k"]:
