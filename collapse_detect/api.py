@@ -162,8 +162,11 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
     require_two_classes(stats, data_file)
     stats["model"] = {"generic_label_names": loaded.generic_label_names and not options.label_names,
                       "train_counts": outcome.train_counts}
+    from .probe import model_max_length
+
     stats["tokenization"] = {
-        "max_length": run.max_length, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
+        "max_length": run.max_length, "model_max_length": model_max_length(loaded.model, loaded.tokenizer, None),
+        "requested_max_length": options.max_length, "tokens": run.tokens, "padded_tokens": run.padded_tokens,
         "truncated_rows": run.truncated_rows, "truncation_rate": run.truncated_rows / run.rows,
         "unknown_tokens": run.unknown_tokens, "unknown_token_rate": run.unknown_tokens / max(run.tokens, 1),
     }
@@ -171,13 +174,16 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
         "model_dir": str(model_dir), "model_name": Path(model_dir).resolve().name,
         "checkpoint": str(loaded.resolved.path), "checkpoint_reason": loaded.resolved.reason,
         "weights_file": loaded.weights_file, "architecture": type(loaded.model).__name__,
-        "data_file": str(data_file), "columns": {"text": columns.text, "text_pair": columns.text_pair,
-                                                  "label": columns.label},
+        "data_file": str(data_file), "train_file": str(options.train_file) if options.train_file else None,
+        "columns": {"text": columns.text, "text_pair": columns.text_pair, "label": columns.label},
         "rows": run.rows, "seed": options.seed, "probe_seconds": round(run.seconds, 3),
         "grad_seconds": round(run.grad_seconds, 3),
         "versions": _versions(), "notes": list(loaded.notes) + run.notes,
         **run.runtime, "dtype": run.dtype,
     }
+    if options.max_length and options.max_length > run.max_length:
+        metadata["notes"].append(f"--max-length {options.max_length} is above what the model reads: inputs were cut "
+                                 f"at {run.max_length} tokens (its position embeddings or its tokenizer's limit).")
     if run.drift is not None:
         from .probe import drift_summary
 

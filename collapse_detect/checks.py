@@ -106,6 +106,9 @@ def class_never_predicted(stats, *, min_support: int = 5, max_share_ratio: float
     if not hit:
         return []
     names = [c["class"] for c in hit]
+    top = stats["per_class"][stats["top_class_id"]]
+    onto = (", the eval set's majority class)" if top["class"] == stats["majority_baseline"]["class"] else
+            f", though only {_pct(top['prior'])} of the gold labels: more than imbalance is at work)")
     detail = listed([f"{c['class']}: {c['predicted']} predicted for {c['support']} gold rows "
                      f"(recall {c['recall']:.2f})" for c in _largest_first(hit)], "; ")
     return [Finding(
@@ -114,8 +117,8 @@ def class_never_predicted(stats, *, min_support: int = 5, max_share_ratio: float
         evidence={c["class"]: {"support": c["support"], "predicted": c["predicted"], "prior": c["prior"],
                                "prediction_share": c["prediction_share"], "recall": c["recall"]} for c in hit},
         classes=names,
-        cause=f"The model maps these classes onto others, typically onto the majority class "
-              f"'{stats['top_class']}' ({_pct(stats['top_share'])} of predictions).",
+        cause=f"The model maps these classes onto others, most of all onto '{top['class']}' "
+              f"({_pct(stats['top_share'])} of predictions{onto}.",
         fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),
     )]
 
@@ -151,7 +154,9 @@ def prediction_absorbed(stats, *, warn_ratio: float = 1.25, warn_excess: float =
                       "js_distance": stats["js_distance"], "precision": c["precision"]},
             classes=[c["class"]],
             cause="The decision rule favours this class: the usual result of training on data where it "
-                  "dominates, without class weights or resampling.",
+                  "dominates, without class weights or resampling"
+                  + ("." if c["class"] == stats["majority_baseline"]["class"] else
+                     "; it is not the eval set's majority, so see the root cause for what else fits."),
             fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),
         ))
     return out
@@ -187,13 +192,24 @@ def no_better_than_majority(stats, *, min_gain: float = 0.1, alpha: float = 0.01
     )]
 
 
+def output_is_constant(stats, *, max_spread: float = 0.1, max_auc: float = 0.75) -> bool:
+    """No class's log-odds moves by more than ``max_spread`` (standard deviation) across rows, and the little
+    they move does not rank the classes (macro ROC-AUC under ``max_auc``). constant_output and the root cause
+    share this reading."""
+    spread, auc = stats.get("score_spread"), stats.get("macro_roc_auc")
+    return spread is not None and spread <= max_spread and (auc is None or auc < max_auc)
+
+
 @register("constant_output", requires="scores", title="Output nearly constant across inputs",
-          measures="largest per-class standard deviation of the log-odds across rows", severity="fail")
-def constant_output(stats, *, max_spread: float = 0.1):
+          measures="largest per-class standard deviation of the log-odds across rows; macro ROC-AUC",
+          severity="fail")
+def constant_output(stats, *, max_spread: float = 0.1, max_auc: float = 0.75):
     """Fail when no class's log-odds log(p / (1 - p)) varies by more than ``max_spread`` (standard deviation)
-    across the eval rows: the output does not depend on the input. Log-odds, not probabilities, so that a
-    saturated but input-dependent model (a threshold collapse) is not called constant."""
-    if stats["score_spread"] > max_spread:
+    across the eval rows and what little varies does not rank the classes (macro ROC-AUC under ``max_auc``):
+    the output does not depend on the input. Log-odds, not probabilities, so that a saturated but
+    input-dependent model (a threshold collapse) is not called constant; the AUC, so that an under-confident
+    model whose small moves still sort the rows is not either."""
+    if not output_is_constant(stats, max_spread=max_spread, max_auc=max_auc):
         return []
     mean_scores = listed([f"{c['class']}={c['mean_score']:.3f}"
                           for c in _largest_first(stats["per_class"], "mean_score")], ", ")
@@ -284,11 +300,12 @@ def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
             title="Shift the classifier bias (post-hoc logit adjustment, no retraining)",
             steps=[f"Per-class recall on held-out folds: {recall_change}.",
                    "Offsets to add to the logits: " + ", ".join(f"{n}={o:+.3f}" for n, o in zip(names, offsets))
-                   + f" (prior from {post['prior_source']}).",
+                   + (f" (prior from {post['prior_source']})." if post["best"] == "logit_adjustment" else
+                      " (tuned for balanced accuracy on the eval rows; held-out folds measured the gain)."),
                    "collapse-detect MODEL DATA --write-fixed DIR writes a checkpoint with these offsets in the "
                    "classifier bias and re-probes it.",
                    post["caveat"]],
-            code=fixes.logit_adjustment_code(names, offsets),
+            code=fixes.logit_adjustment_code(names, offsets, post["best"]),
             values={"offsets": dict(zip(names, offsets)), "method": post["best"]},
         ),
     )]
@@ -371,20 +388,17 @@ def label_mapping_mismatch(stats, *, min_mapped: float = 0.6, min_gain: float = 
 
 
 @register("tokenizer_mismatch", requires="model", title="The tokenizer does not fit the model or the data",
-          measures="unknown-token rate, truncation rate, tokenizer vocabulary vs embedding rows",
-          severity="warn/fail")
-def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float = 0.3,
-                       warn_truncated: float = 0.2):
-    """Warn at an unknown-token rate of ``warn_unknown`` or truncation of ``warn_truncated`` of rows; fail at
-    ``fail_unknown`` unknown tokens or a tokenizer vocabulary larger than the embedding matrix (or under half
-    of it)."""
+          measures="unknown-token rate, tokenizer vocabulary vs embedding rows", severity="warn/fail")
+def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float = 0.3):
+    """Warn at an unknown-token rate of ``warn_unknown``; fail at ``fail_unknown`` unknown tokens or a tokenizer
+    vocabulary larger than the embedding matrix (or under half of it)."""
     tok = stats.get("tokenization") or {}
     fit = _evidence(stats, "tokenizer_fit") or {}
-    unk, trunc = tok.get("unknown_token_rate", 0.0), tok.get("truncation_rate", 0.0)
+    unk = tok.get("unknown_token_rate", 0.0)
     problems, severity = [], None
     if unk >= fail_unknown or fit.get("vocab_mismatch"):
         severity = Severity.FAIL
-    elif unk >= warn_unknown or trunc >= warn_truncated:
+    elif unk >= warn_unknown:
         severity = Severity.WARN
     if severity is None:
         return []
@@ -393,8 +407,6 @@ def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float
     if fit.get("vocab_mismatch"):
         problems.append(f"the tokenizer has {fit['tokenizer_vocab']} tokens for {fit['embedding_rows']} "
                         "embedding rows")
-    if trunc >= warn_truncated:
-        problems.append(f"{trunc:.0%} of rows are truncated at {tok.get('max_length')} tokens")
     return [Finding(
         "tokenizer_mismatch", severity, "Tokenization problem: " + "; ".join(problems) + ".",
         evidence={**tok, **fit},
@@ -402,7 +414,37 @@ def tokenizer_mismatch(stats, *, warn_unknown: float = 0.05, fail_unknown: float
               "in another language/format than training.",
         fix=Fix("Use the training tokenizer", [
             "Save the tokenizer next to the model (tokenizer.save_pretrained(output_dir)) and load both from the "
-            "same folder; raise --max-length if truncation is the problem."]),
+            "same folder."]),
+    )]
+
+
+@register("long_inputs_truncated", requires="model", title="Eval texts are longer than the model reads",
+          measures="share of rows truncated at the model's maximum input length", severity="warn", collapse=False)
+def long_inputs_truncated(stats, *, warn_truncated: float = 0.2):
+    """Warn when ``warn_truncated`` of rows or more are cut at the input limit: the model decides from their
+    first tokens only. Not a collapse, so it never fails the gate."""
+    tok = stats.get("tokenization") or {}
+    trunc = tok.get("truncation_rate", 0.0)
+    if trunc < warn_truncated:
+        return []
+    limit = tok.get("max_length")
+    model_limit = tok.get("model_max_length", limit)
+    raise_it = (f"--max-length can raise the cut up to the model's {model_limit} tokens."
+                if model_limit and limit and model_limit > limit else
+                f"{limit} tokens is the model's own limit (its position embeddings), so --max-length cannot raise "
+                "it.")
+    return [Finding(
+        "long_inputs_truncated", Severity.WARN,
+        f"{trunc:.0%} of rows ({tok.get('truncated_rows')} of {stats['n']}) are truncated at {limit} tokens: the "
+        "model sees only their beginning.",
+        evidence={k: tok.get(k) for k in ("truncated_rows", "truncation_rate", "max_length", "model_max_length")},
+        cause="The eval texts are longer than the model's input. Where the deciding words come late, every "
+              "truncated row is judged on its opening alone.",
+        fix=Fix("Read the whole text, as in training", [
+            raise_it,
+            "For long documents, classify overlapping windows (the tokenizer's stride and "
+            "return_overflowing_tokens) and average their probabilities, or keep the head and the tail of each "
+            "text; evaluate with the same truncation the model was trained and is served with."]),
     )]
 
 
@@ -451,12 +493,15 @@ def training_record(stats, *, max_learning_rate: float = 1e-4):
         problems.append("no evaluation during training (no early stopping possible)")
     if not problems:
         return []
+    unstable = rec.get("diverged") or rec.get("nan_loss") or rec.get("loss_spikes") or rec.get("grad_norm_collapse")
     if rec.get("max_learning_rate") is not None and rec["max_learning_rate"] >= max_learning_rate:
         problems.append(f"peak learning rate {rec['max_learning_rate']:.2g}")
+        unstable = True
     return [Finding("training_record", Severity.WARN, "Training record: " + "; ".join(problems) + ".",
                     evidence=rec,
                     cause="The training arguments: learning rate, warm-up, evaluation and early stopping.",
-                    fix=fixes.optimization_fix(rec.get("max_learning_rate")))]
+                    # an unevaluated but stable run needs evaluation, not a lower learning rate
+                    fix=fixes.optimization_fix(rec.get("max_learning_rate")) if unstable else fixes.evaluation_fix())]
 
 
 def checks_selected(only=None, skip=None) -> list[str]:

@@ -118,17 +118,23 @@ loader = DataLoader(train_dataset, batch_size=32, sampler=sampler)
 '''
 
 
-def logit_adjustment_code(class_names: list[str], offsets) -> str:
-    """Post-hoc logit adjustment applied to a loaded model's classifier bias (no retraining)."""
+POSTHOC_METHODS = {"logit_adjustment": "logit adjustment (minus the log prior)",
+                   "bias_tuning": "per-class biases tuned for balanced accuracy"}
+
+
+def logit_adjustment_code(class_names: list[str], offsets, method: str = "logit_adjustment") -> str:
+    """Post-hoc offsets (logit adjustment or tuned biases) added to a loaded model's classifier bias, saved
+    with its tokenizer (no retraining)."""
     offset_list = ", ".join(f"{o:.4g}" for o in offsets)
     return f'''import torch
 
-# Added to the logits of [{", ".join(repr(str(n)) for n in class_names)}]: logit adjustment, no retraining.
+# Added to the logits of [{", ".join(repr(str(n)) for n in class_names)}]: {POSTHOC_METHODS.get(method, method)}, no retraining.
 OFFSETS = torch.tensor([{offset_list}])
 head = model.classifier.out_proj if hasattr(model.classifier, "out_proj") else model.classifier
 with torch.no_grad():
     head.bias += OFFSETS.to(head.bias.dtype)
 model.save_pretrained("model-logit-adjusted")
+tokenizer.save_pretrained("model-logit-adjusted")  # one folder, as from_pretrained and collapse-detect load it
 '''
 
 
@@ -170,9 +176,18 @@ def imbalance_fix(stats: dict, train_counts=None) -> Fix:
     )
 
 
+USUAL_LEARNING_RATES = (1e-5, 5e-5)  # fine-tuning BERT-size encoders (Devlin et al. 2019: 2e-5 to 5e-5)
+
+
 def optimization_fix(peak_learning_rate: float | None = None) -> Fix:
-    seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}; start from a tenth of it or less. "
-            if peak_learning_rate else "")
+    low, high = USUAL_LEARNING_RATES
+    seen = ""
+    if peak_learning_rate and peak_learning_rate > high:
+        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, above the {low:g} to {high:g} "
+                "that fine-tuning a pretrained encoder takes; retrain within that range (2e-5 is a safe start). ")
+    elif peak_learning_rate:
+        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, within the usual {low:g} to "
+                f"{high:g}; if it still diverged, try {low:g} with warm-up and gradient clipping. ")
     return Fix(
         title="Retrain with a smaller learning rate and warm-up",
         steps=[
@@ -183,6 +198,17 @@ def optimization_fix(peak_learning_rate: float | None = None) -> Fix:
             "the tokenizer saved with the model is the one it was trained with.",
         ],
         values={"peak_learning_rate": peak_learning_rate} if peak_learning_rate else {},
+    )
+
+
+def evaluation_fix() -> Fix:
+    """For a run that never evaluated: nothing chose the checkpoint or stopped the training."""
+    return Fix(
+        title="Evaluate during training and keep the best checkpoint",
+        steps=["Evaluate every epoch on a stratified validation split (eval_strategy=\"epoch\", "
+               "save_strategy=\"epoch\"), keep the best checkpoint by macro F1 (load_best_model_at_end=True, "
+               "metric_for_best_model=\"macro_f1\" with a compute_metrics that returns it) and stop early "
+               "(EarlyStoppingCallback(early_stopping_patience=2)): loss and accuracy reward the majority class."],
     )
 
 

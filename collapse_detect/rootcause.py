@@ -7,7 +7,7 @@ guessing.
 
 from __future__ import annotations
 
-from .checks import REGISTRY
+from .checks import REGISTRY, output_is_constant
 
 CAUSES = {
     "label_mapping_mismatch": "id2label does not match the data's labels",
@@ -59,7 +59,9 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
     frozen = (geometry.get("relative_spread") is not None and geometry["relative_spread"] < 1e-3
               and (aniso or 0) > 0.999)
     representation_dead = (probe_ba is not None and probe_ba - chance < 0.1) or frozen
-    constant = spread is not None and spread <= 0.1  # log-odds standard deviation (None: labels only)
+    # the constant_output check's own reading, with its thresholds as configured (None spread: labels only)
+    constant = output_is_constant(stats, **{**REGISTRY["constant_output"].defaults,
+                                            **(params or {}).get("constant_output", {})})
 
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0

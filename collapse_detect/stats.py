@@ -19,7 +19,9 @@ from sklearn import metrics as skm
 from .calibration import calibration_summary
 
 SCORE_RANGE = (-30.0, 30.0)
-SCORE_BINS = 3000  # log-odds resolution 0.02: ROC-AUC from these histograms matches sklearn to ~1e-3
+SCORE_BINS = 3000  # log-odds resolution 0.02: ROC-AUC from these histograms is within ~1e-3 of sklearn for
+# spread-out scores, and off by several hundredths for scores that barely move (exact AUC while the sample
+# holds every row: _roc_auc)
 CONF_BINS = 20
 CALIBRATION_BINS = 15
 DEFAULT_SAMPLE_ROWS = 4000
@@ -355,6 +357,28 @@ def balanced_accuracy_test(recall: np.ndarray, support: np.ndarray) -> dict:
     return {"chance": chance, "gain": float(ba - chance), "se": se, "z": z, "p_value": float(sps.norm.sf(z))}
 
 
+def _roc_auc(acc) -> tuple[list[float | None], str]:
+    """One-vs-rest ROC-AUC per class: exact (sklearn, on every row's log-odds) while the seeded sample still
+    holds every row, else from the log-odds histograms. Histograms are close for spread-out scores but blur
+    a model whose scores barely move (the case the 0.8 AUC thresholds decide on)."""
+    sample = acc.sample.arrays
+    k = acc.k
+    if sample and len(sample["gold"]) == acc.n:
+        scores, gold = log_odds(sample["logits"]), sample["gold"]
+        auc = []
+        for c in range(k):
+            positive = gold == c
+            auc.append(float(skm.roc_auc_score(positive, scores[:, c])) if 0 < positive.sum() < len(gold)
+                       else None)
+        return auc, "exact: every row"
+    auc = []
+    for c in range(k):
+        pos = acc.score_hist_pos[c]
+        neg = acc.score_hist[c] - pos
+        auc.append(auc_from_histograms(pos, neg))
+    return auc, f"log-odds histograms ({SCORE_BINS} bins over {SCORE_RANGE[0]:g} to {SCORE_RANGE[1]:g})"
+
+
 def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
     """ROC-AUC from score histograms of positives and negatives; ties within a bin count one half,
     as sklearn counts tied scores."""
@@ -431,11 +455,7 @@ def compute_stats(acc: Accumulator) -> dict:
     score_std = np.sqrt(acc.prob_m2 / n)
     logodds_std = np.sqrt(acc.logodds_m2 / n)
     mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
-    auc = []
-    for c in range(k):
-        pos = acc.score_hist_pos[c]
-        neg = acc.score_hist[c] - pos
-        auc.append(auc_from_histograms(pos, neg))
+    auc, auc_source = _roc_auc(acc)
     present_auc = [a for a in auc if a is not None]
     top = int(share.argmax())
     per_class = []
@@ -477,7 +497,7 @@ def compute_stats(acc: Accumulator) -> dict:
         # how much the output moves with the input, in log-odds (saturated probabilities hide it)
         "score_spread": float(logodds_std.max()),
         "probability_spread": float(score_std.max()),
-        "macro_roc_auc": float(np.mean(present_auc)) if present_auc else None,
+        "macro_roc_auc": float(np.mean(present_auc)) if present_auc else None, "roc_auc_source": auc_source,
         "per_class": per_class, "confusion": confusion.astype(int).tolist(),
         "confidence_histogram": {"bins": CONF_BINS, "counts": acc.conf_hist.astype(int).tolist()},
         "calibration": {"ece": float(ece), "bins": calib_bins},

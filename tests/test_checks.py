@@ -102,6 +102,22 @@ def test_constant_output_separates_constant_from_ranked_scores():
     assert REGISTRY["constant_output"].func(varying) == []
 
 
+def test_an_under_confident_model_whose_small_moves_rank_the_classes_is_not_constant():
+    # log-odds that move by ~0.03 but in the direction of the gold class: macro ROC-AUC near 1
+    from collapse_detect.stats import Accumulator, compute_stats
+
+    rng = np.random.default_rng(0)
+    gold = np.repeat([0, 1, 2], [120, 40, 40])
+    logits = np.tile([1.0, 0.0, -0.5], (200, 1)) + rng.normal(0, 0.01, (200, 3))
+    logits[np.arange(200), gold] += 0.05
+    acc = Accumulator(["a", "b", "c"])
+    acc.update(np.arange(200), gold, logits)
+    s = compute_stats(acc)
+    assert s["score_spread"] < 0.1 and s["macro_roc_auc"] > 0.95 and s["roc_auc_source"] == "exact: every row"
+    assert REGISTRY["constant_output"].func(s) == []
+    assert REGISTRY["constant_output"].func(s, max_auc=1.01)  # the spread alone would have called it constant
+
+
 def test_low_recall_floor_is_a_threshold():
     gold = np.repeat([0, 1], [50, 50])
     pred = gold.copy()
@@ -168,3 +184,56 @@ def test_many_classes_keep_summaries_and_the_terminal_short():
     table = [line for line in text.splitlines() if line.startswith("  c") and not line.startswith("  class")]
     assert len(table) == 30 and any(line.split()[0] == "c241" for line in table)
     assert "(30 of 300 classes, the largest by gold or predicted rows;" in text
+
+
+def test_truncation_is_its_own_warning_and_never_gates():
+    from collapse_detect.diagnosis import Diagnosis
+
+    s = _healthy()
+    s["tokenization"] = {"max_length": 512, "model_max_length": 512, "truncated_rows": 72, "truncation_rate": 0.36,
+                         "unknown_token_rate": 0.0}
+    [f] = REGISTRY["long_inputs_truncated"].func(s)
+    assert f.severity is Severity.WARN
+    assert f.summary == "36% of rows (72 of 200) are truncated at 512 tokens: the model sees only their beginning."
+    assert f.fix.steps[0].startswith("512 tokens is the model's own limit")
+    assert REGISTRY["tokenizer_mismatch"].func(s) == []  # long texts say nothing about the tokenizer
+    d = Diagnosis(run_checks(s), s, {})
+    assert d.verdict("warn") == "WARNINGS" and d.exit_code("warn") == 0  # a warning, even with --fail-on warn
+    s["tokenization"].update(max_length=128, truncation_rate=0.1)
+    assert REGISTRY["long_inputs_truncated"].func(s) == []
+    [f] = REGISTRY["long_inputs_truncated"].func(s, warn_truncated=0.1)
+    assert f.fix.steps[0] == "--max-length can raise the cut up to the model's 512 tokens."
+
+
+def test_a_stable_run_without_evaluation_is_told_to_evaluate_not_to_lower_its_rate():
+    s = _healthy()
+    s["evidence"] = {"training_record": {"evaluations": 0, "max_learning_rate": 4.6e-5, "diverged": False}}
+    [f] = REGISTRY["training_record"].func(s)
+    assert f.summary == "Training record: no evaluation during training (no early stopping possible)."
+    assert f.fix.title == "Evaluate during training and keep the best checkpoint"
+    assert "learning rate" not in " ".join(f.fix.steps)
+    s["evidence"]["training_record"].update(loss_spikes=3)
+    [f] = REGISTRY["training_record"].func(s)
+    assert f.fix.steps[0].startswith("The run peaked at a learning rate of 4.6e-05, within the usual 1e-05 to 5e-05")
+
+
+def test_an_uncertain_root_cause_still_shows_its_best_scored_candidates():
+    from collapse_detect.diagnosis import Diagnosis
+    from collapse_detect.report.render import render_html, render_terminal
+
+    s = _collapsed()
+    d = Diagnosis(run_checks(s), s, {})
+    scored = [{"cause": c, "label": label, "score": score} for c, label, score in
+              [("class_imbalance", "class imbalance", 0.3), ("input_ignored", "input ignored", 0.2),
+               ("untrained_head", "untrained head", 0.1), ("tokenizer_mismatch", "tokenizer", 0.0)]]
+    d.root_cause = {"cause": "uncertain", "label": "no single cause stands out: the evidence is weak",
+                    "confidence": "low", "score": 0.3, "evidence_for": [], "evidence_against": [],
+                    "candidates": scored}
+    terminal = render_terminal(d, None)
+    assert ("likely cause: no single cause stands out: the evidence is weak (confidence low; best scored: class "
+            "imbalance (0.30))") in terminal
+    html = render_html(d, {})
+    assert "Best scored candidates: class imbalance (0.30); input ignored (0.20); untrained head (0.10)" in html
+    d.root_cause = {**scored[0], "confidence": "medium", "evidence_for": [], "evidence_against": [],
+                    "candidates": scored}
+    assert "Other candidates: input ignored (0.20); untrained head (0.10); tokenizer (0.00)" in render_html(d, {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,10 +81,18 @@ def test_logit_adjustment_snippet_shifts_the_bias(tiny_trained, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     model = copy.deepcopy(tiny_trained["model"])
     before = model.classifier.bias.detach().clone()
-    code = fixes.logit_adjustment_code(["sports", "politics", "business"], [-1.5, 0.75, 0.75])
-    exec(compile(code, "logit_adjustment_snippet", "exec"), {"model": model})
+    code = fixes.logit_adjustment_code(["sports", "politics", "business"], [-1.5, 0.75, 0.75], "bias_tuning")
+    assert "per-class biases tuned for balanced accuracy, no retraining" in code
+    exec(compile(code, "logit_adjustment_snippet", "exec"), {"model": model, "tokenizer": tiny_trained["tokenizer"]})
     assert (model.classifier.bias.detach() - before).tolist() == pytest.approx([-1.5, 0.75, 0.75])
     assert (tmp_path / "model-logit-adjusted" / "model.safetensors").exists()
+    # the folder it writes is one collapse-detect reads: the offsets move the predictions of the tiny model
+    from collapse_detect.cli import main
+
+    assert main([str(tmp_path / "model-logit-adjusted"), str(tiny_trained["eval"]), "--out", str(tmp_path / "o"),
+                 "--quiet"]) in (0, 1)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["stats"]["n"] > 0 and summary["metadata"]["model_dir"].endswith("model-logit-adjusted")
 
 
 def test_class_weights_agree_with_sklearn_balanced_when_every_class_is_present():

@@ -72,6 +72,11 @@ def test_write_fixed_produces_a_checkpoint_that_passes(tiny_trained, tmp_path):
     fixed_run = summary["metadata"]["fixed_checkpoint"]
     assert fixed_run["exit_code"] == 0 and fixed_run["verdict"] != "COLLAPSE"
     assert fixed_run["balanced_accuracy"] >= 0.8
+    md = (tmp_path / "out" / "summary.md").read_text()
+    method = fixed_run["method"].replace("_", " ")
+    assert (f"Fixed checkpoint ({method}): {fixed}: {fixed_run['verdict']}, balanced accuracy "
+            f"{fixed_run['balanced_accuracy']:.3f}, macro F1 {fixed_run['macro_f1']:.3f} on the same eval rows"
+            ).replace("_", "\\_") in md
     assert main([str(fixed), str(tiny_trained["eval"]), "--out", str(tmp_path / "out2"), "--quiet"]) == 0
 
 
@@ -102,6 +107,9 @@ def test_diverged_training_record_names_the_learning_rate(tiny_trained):
     assert any("peak learning rate 0.005" in e for e in d.root_cause["evidence_for"])
     record = next(f for f in d.findings if f.check_id == "training_record")
     assert "no evaluation during training" in record.summary
+    assert record.fix.steps[0].startswith("The run peaked at a learning rate of 0.005, above the 1e-05 to 5e-05 "
+                                          "that fine-tuning a pretrained encoder takes; retrain within that range")
+    assert d.root_cause["fix"]["steps"][0] == record.fix.steps[0]
 
 
 def test_untrained_head_is_named(tiny_trained):

@@ -83,6 +83,26 @@ def test_roc_auc_from_histograms_matches_sklearn():
         assert s["per_class"][c]["roc_auc"] == pytest.approx(exact, abs=2e-3)
 
 
+def test_roc_auc_is_exact_while_the_sample_holds_every_row():
+    # scores that barely move (log-odds steps of 0.005): 0.02-wide histogram bins tie most of them
+    rng = np.random.default_rng(4)
+    n = 1000
+    gold = rng.integers(0, 2, n)
+    logits = np.zeros((n, 2))
+    logits[:, 0] = rng.integers(0, 8, n) * 0.005 + 0.01 * gold
+    exact = [skm.roc_auc_score(gold == c, logits[:, c] - logits[:, 1 - c]) for c in (0, 1)]
+    full = Accumulator(["a", "b"])
+    full.update(np.arange(n), gold, logits)
+    s = compute_stats(full)
+    assert s["roc_auc_source"] == "exact: every row"
+    assert [c["roc_auc"] for c in s["per_class"]] == pytest.approx(exact, abs=1e-12)
+    part = Accumulator(["a", "b"], sample_rows=100)  # the sample cannot hold every row: histograms
+    part.update(np.arange(n), gold, logits)
+    s = compute_stats(part)
+    assert s["roc_auc_source"].startswith("log-odds histograms")
+    assert abs(s["per_class"][0]["roc_auc"] - exact[0]) > 0.01
+
+
 def test_many_classes_keep_the_accumulator_small_and_auc_exact():
     """300 classes, streamed in two merged halves: the accumulator's arrays stay a few MB (a score histogram
     by gold class was k x k x bins, 2 GB here) and every class's one-vs-rest AUC matches sklearn."""

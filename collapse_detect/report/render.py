@@ -91,6 +91,8 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
         lines.append(f"- Likely cause: **{_md_escape(rc['label'])}** (confidence {rc['confidence']})")
         lines += [f"  - for: {_md_escape(e)}" for e in rc.get("evidence_for", [])]
         lines += [f"  - against: {_md_escape(e)}" for e in rc.get("evidence_against", [])]
+    if meta.get("fixed_checkpoint"):
+        lines.append(f"- {_md_escape(fixed_checkpoint_line(meta['fixed_checkpoint']))}")
     lines += ["", "## Findings", ""]
     if not diagnosis.findings:
         lines.append("No findings.")
@@ -151,6 +153,13 @@ def render_compact_html(diagnosis: Diagnosis) -> str:
                                                        findings=diagnosis.findings, icon=SEVERITY_ICON)
 
 
+def fixed_checkpoint_line(fixed: dict) -> str:
+    """What --write-fixed wrote and what its re-probe found."""
+    return (f"Fixed checkpoint ({fixed['method'].replace('_', ' ')}): {fixed['path']}: {fixed['verdict']}, "
+            f"balanced accuracy {fixed['balanced_accuracy']:.3f}, macro F1 {fixed['macro_f1']:.3f} on the same "
+            "eval rows the offsets were chosen on; confirm on held-out data.")
+
+
 def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str = "fail") -> str:
     """The short verdict the terminal shows."""
     d = diagnosis.to_dict(fail_on)
@@ -161,7 +170,9 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
         out.append("collapsed class(es): " + listed(d["collapsed_classes"], ", "))
     rc = diagnosis.root_cause
     if rc:
-        out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']})")
+        best = (f"; best scored: {rc['candidates'][0]['label']} ({rc['candidates'][0]['score']:.2f})"
+                if rc["cause"] == "uncertain" and rc.get("candidates") else "")
+        out.append(f"likely cause: {rc['label']} (confidence {rc['confidence']}{best})")
     shown = classes_to_show(s)
     names = {i: visible(s["per_class"][i]["class"]) for i in shown}  # widths as printed, escapes included
     width = min(max([len(n) for n in names.values()] + [5]), 24)
@@ -180,6 +191,9 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
         out.append(f"  [{SEVERITY_ICON[f.severity.value]:<5}] {f.check_id}: {f.summary}")
     if not diagnosis.findings:
         out.append("  no findings")
+    if diagnosis.metadata.get("fixed_checkpoint"):
+        out.append("")
+        out.append(fixed_checkpoint_line(diagnosis.metadata["fixed_checkpoint"]))
     if report_path is not None:
         out.append("")
         out.append(f"report: {report_path}")
