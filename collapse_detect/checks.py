@@ -431,8 +431,8 @@ def long_inputs_truncated(stats, *, warn_truncated: float = 0.2):
     model_limit = tok.get("model_max_length", limit)
     raise_it = (f"--max-length can raise the cut up to the model's {model_limit} tokens."
                 if model_limit and limit and model_limit > limit else
-                f"{limit} tokens is the model's own limit (its position embeddings), so --max-length cannot raise "
-                "it.")
+                f"{limit} tokens is the model's own limit (its position embeddings or its tokenizer's), so "
+                "--max-length cannot raise it.")
     return [Finding(
         "long_inputs_truncated", Severity.WARN,
         f"{trunc:.0%} of rows ({tok.get('truncated_rows')} of {stats['n']}) are truncated at {limit} tokens: the "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -53,20 +55,24 @@ def file_format(path: str | os.PathLike) -> str:
 def tsv_quoting(path: str | os.PathLike) -> int:
     """How to read a TSV file's double quotes. Files written by pandas or the csv module quote a field only
     when it holds a tab, a newline or a quote, so every quoted field closes right before a tab or the line's
-    end, on the line it opened. Many TSV files (GLUE and most corpus dumps) hold raw text instead, where
-    ``"Quoted" headline`` is text: read as CSV, it would lose its quotes or swallow the rows up to the next
-    quote. Quotes are taken as quoting only when every quoted field is well-formed and on one line."""
+    end. Many TSV files (GLUE and most corpus dumps) hold raw text instead, where ``"Quoted" headline`` is
+    text: read as CSV, it would lose its quotes or swallow the rows up to the next quote. Quotes are taken as
+    quoting when every quoted field is well-formed (a strict CSV parse of the file succeeds), else as text.
+    A raw file whose stray quotes happen to pair up as well-formed fields still reads as quoted."""
     p = Path(path)
     with p.open("rb") as f:
         if not any(b'"' in block for block in iter(lambda: f.read(1 << 20), b"")):
             return csv.QUOTE_MINIMAL
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # a long text is no sign of raw quotes
     try:
         with p.open(encoding="utf-8-sig", newline="") as f:
-            for row in csv.reader(f, delimiter="\t", strict=True):
-                if any("\n" in field or "\r" in field for field in row):
-                    return csv.QUOTE_NONE
+            for _ in csv.reader(f, delimiter="\t", strict=True):
+                pass
     except (csv.Error, UnicodeDecodeError):
         return csv.QUOTE_NONE
+    finally:
+        csv.field_size_limit(limit)
     return csv.QUOTE_MINIMAL
 
 
@@ -113,7 +119,7 @@ def _check_header(path: Path, sep: str, quoting: int) -> None:
         header = next(csv.reader(f, delimiter=sep, quoting=quoting), [])
     seen: set[str] = set()
     for name in header:
-        if name in seen:
+        if name in seen and name:  # empty names (an index column, trailing commas) are pandas' "Unnamed: i"
             raise InputError(f"{str(path)!r}: the header names column {name!r} twice; rename one of them")
         seen.add(name)
 
@@ -197,6 +203,23 @@ def check_label_names(names, flag: str = "--label-names", classes: int | None = 
     return names
 
 
+_INTEGER = re.compile(r"-?[0-9]+(?:\.0*)?")
+
+
+def integer_label(value) -> int | None:
+    """The integer id a label spells ('3', '-1', '2.0', 3, 3.0, but not '--1', '²' or 3.5), else None: the one
+    reading of ids for eval, training and predictions files alike."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if np.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value.strip().split(".")[0])
+    return None
+
+
 def _integer_name(name: str) -> int | None:
     """The integer a class name spells canonically ('3', '-1'; not '03', '+1' or '3.0'), else None."""
     try:
@@ -236,15 +259,8 @@ class LabelMapper:
                 return self.by_name[key]
             if key.lower() in ("true", "false"):  # a CSV's True/False, read as text
                 return self.by_bool.get(key.lower() == "true")
-            if key.lstrip("-").isdecimal():  # not isdigit: "²" is a digit int() refuses
-                iv = int(key)
-            elif key.lstrip("-").replace(".", "", 1).isdecimal() and float(key).is_integer():
-                iv = int(float(key))  # "2.0": an id column written as floats
-            else:
-                return None
-        elif isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
-            iv = int(v)
-        else:
+        iv = integer_label(v)  # "2.0": an id column written as floats
+        if iv is None:
             return None
         if self.by_number is not None:  # class names are numbers: an integer label is a name
             return self.by_number.get(iv)
@@ -287,7 +303,7 @@ class LabelMapper:
             out[i] = -1
         if missing_rows:
             raise InputError(f"{str(self.path)!r}: column {self.column!r} is empty at {row_id_text(missing_rows)}; "
-                             "every row needs a gold label")
+                             "every row needs a label")
         if bad:
             raise InputError(self._unknown(bad, any_bool))
         return out

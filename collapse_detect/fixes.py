@@ -179,15 +179,19 @@ def imbalance_fix(stats: dict, train_counts=None) -> Fix:
 USUAL_LEARNING_RATES = (1e-5, 5e-5)  # fine-tuning BERT-size encoders (Devlin et al. 2019: 2e-5 to 5e-5)
 
 
+def _rate(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")  # 1e-5, as the rest of the advice writes it
+
+
 def optimization_fix(peak_learning_rate: float | None = None) -> Fix:
-    low, high = USUAL_LEARNING_RATES
+    low, high = map(_rate, USUAL_LEARNING_RATES)
     seen = ""
-    if peak_learning_rate and peak_learning_rate > high:
-        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, above the {low:g} to {high:g} "
+    if peak_learning_rate and peak_learning_rate > USUAL_LEARNING_RATES[1]:
+        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, above the {low} to {high} "
                 "that fine-tuning a pretrained encoder takes; retrain within that range (2e-5 is a safe start). ")
     elif peak_learning_rate:
-        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, within the usual {low:g} to "
-                f"{high:g}; if it still diverged, try {low:g} with warm-up and gradient clipping. ")
+        seen = (f"The run peaked at a learning rate of {peak_learning_rate:.2g}, within the usual {low} to "
+                f"{high}; if it still diverged, try {low} with warm-up and gradient clipping. ")
     return Fix(
         title="Retrain with a smaller learning rate and warm-up",
         steps=[

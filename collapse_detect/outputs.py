@@ -90,11 +90,11 @@ class OutputWriter:
             self._pred_writer = csv.writer(self._pred_file)
             self._pred_writer.writerow(["row_id", "gold", "predicted"] + [f"prob_{n}" for n in names])
         pred = probs.argmax(axis=1)
-        # every digit the probabilities carry (9 significant for float32, 17 for float64), so a file read back
-        # with --predictions gives the same statistics: a collapsed model's scores differ in the 7th digit
-        digits = 9 if probs.dtype == np.float32 else 17
-        for r, g, p, row in zip(row_ids.tolist(), gold.tolist(), pred.tolist(), probs.tolist()):
-            self._pred_writer.writerow([r, names[g], names[p]] + [f"{x:.{digits}g}" for x in row])
+        # the shortest text that reads back as the same number in the probabilities' own precision, so a file
+        # re-judged with --predictions gives the same statistics (a collapsed model's scores differ in the 7th
+        # digit)
+        for r, g, p, row in zip(row_ids.tolist(), gold.tolist(), pred.tolist(), probs.astype(str).tolist()):
+            self._pred_writer.writerow([r, names[g], names[p]] + row)
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.tmp / name

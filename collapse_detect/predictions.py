@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LabelMapper, check_label_names, first_frame, iter_frames, row_id_text
+from .data import LabelMapper, check_label_names, first_frame, integer_label, iter_frames, row_id_text
 from .errors import InputError
 from .stats import Accumulator, compute_stats
 
@@ -27,7 +27,7 @@ PROB_PREFIX = "prob_"
 GOLD_COLUMN_NAMES = ("gold", "label", "labels", "y_true", "true_label", "target", "class", "category", "y")
 PRED_COLUMN_NAMES = ("predicted", "prediction", "pred", "predicted_label", "y_pred", "predicted_class")
 PROB_FLOOR = 1e-12  # log(0) would make the logits -inf; 1e-12 is far below any probability that matters
-SUM_TOLERANCE = 0.01  # probabilities rounded to 2 decimals still sum to 1 within this (and float error)
+SUM_TOLERANCE = 0.01  # a row may sum to 1 +- max(this, 0.005 per class): probabilities rounded to 2 decimals
 
 MODEL_ONLY_PARTS = {
     "gradient_norms": "needs the model's weights",
@@ -60,18 +60,18 @@ def _pick(columns: list[str], wanted: str | None, names, flag: str, path, exclud
 
 
 def _label_text(value) -> str:
-    """A label as text; an integer-valued float (an id column with gaps, read as floats) as its integer."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
+    """A label as text, an id in one spelling ('1', 1, 1.0 and '1.0' are all '1')."""
+    number = integer_label(value)
+    return str(number) if number is not None else str(value).strip()
 
 
 def _natural_classes(values: set) -> list[str]:
     """Class names for labels-only files: integer ids in numeric order (0..max, so a never-seen id still counts
     as a class), otherwise the names sorted."""
-    texts = {str(v).strip() for v in values}
-    if texts and all(t.lstrip("-").isdigit() for t in texts):
-        ids = sorted(int(t) for t in texts)
+    texts = {_label_text(v) for v in values}
+    ids = [integer_label(t) for t in texts]
+    if texts and all(i is not None for i in ids):
+        ids = sorted(ids)
         if ids[0] < 0:
             raise InputError(f"labels must be class names or ids >= 0, got {ids[0]}")
         return [str(i) for i in range(ids[-1] + 1)]
@@ -139,7 +139,7 @@ def _probabilities(frame: pd.DataFrame, columns: PredictionColumns, path, row_id
         raise InputError(f"{str(path)!r}: {columns.probs[j]} = {probs[i, j]:.6g} at {row_id_text([row_ids[i]])} "
                          "is not a probability in [0, 1]; if these are logits, apply softmax first")
     sums = probs.sum(axis=1)
-    off = np.abs(sums - 1.0) > SUM_TOLERANCE + 1e-9
+    off = np.abs(sums - 1.0) > max(SUM_TOLERANCE, 0.005 * probs.shape[1]) + 1e-9
     if off.any():
         i = int(np.flatnonzero(off)[0])
         raise InputError(f"{str(path)!r}: the probabilities at {row_id_text([row_ids[i]])} sum to "

@@ -19,9 +19,10 @@ from sklearn import metrics as skm
 from .calibration import calibration_summary
 
 SCORE_RANGE = (-30.0, 30.0)
-SCORE_BINS = 3000  # log-odds resolution 0.02: ROC-AUC from these histograms is within ~1e-3 of sklearn for
-# spread-out scores, and off by several hundredths for scores that barely move (exact AUC while the sample
-# holds every row: _roc_auc)
+SCORE_BINS = 3000
+# log-odds bins of 0.02: ROC-AUC from these histograms is within ~1e-3 of sklearn for spread-out scores, and off
+# by several hundredths for scores that barely move (_roc_auc uses the sample there)
+LOGODDS_BIN = (SCORE_RANGE[1] - SCORE_RANGE[0]) / SCORE_BINS
 CONF_BINS = 20
 CALIBRATION_BINS = 15
 DEFAULT_SAMPLE_ROWS = 4000
@@ -359,18 +360,21 @@ def balanced_accuracy_test(recall: np.ndarray, support: np.ndarray) -> dict:
 
 def _roc_auc(acc) -> tuple[list[float | None], str]:
     """One-vs-rest ROC-AUC per class: exact (sklearn, on every row's log-odds) while the seeded sample still
-    holds every row, else from the log-odds histograms. Histograms are close for spread-out scores but blur
-    a model whose scores barely move (the case the 0.8 AUC thresholds decide on)."""
+    holds every row, else from the log-odds histograms over every row. Histograms are close for spread-out
+    scores but blur a model whose scores barely move (the case the AUC thresholds decide on): where no class's
+    log-odds spread reaches ten bins, the seeded sample's AUC is used at any row count."""
     sample = acc.sample.arrays
     k = acc.k
-    if sample and len(sample["gold"]) == acc.n:
+    narrow = acc.n and float(np.sqrt(acc.logodds_m2 / acc.n).max()) < 10 * LOGODDS_BIN
+    if sample and (len(sample["gold"]) == acc.n or narrow):
         scores, gold = log_odds(sample["logits"]), sample["gold"]
         auc = []
         for c in range(k):
             positive = gold == c
             auc.append(float(skm.roc_auc_score(positive, scores[:, c])) if 0 < positive.sum() < len(gold)
                        else None)
-        return auc, "exact: every row"
+        return auc, ("exact: every row" if len(gold) == acc.n else
+                     f"the seeded sample of {len(gold)} rows (scores too narrow for the histograms' bins)")
     auc = []
     for c in range(k):
         pos = acc.score_hist_pos[c]

@@ -214,7 +214,7 @@ def test_a_stable_run_without_evaluation_is_told_to_evaluate_not_to_lower_its_ra
     assert "learning rate" not in " ".join(f.fix.steps)
     s["evidence"]["training_record"].update(loss_spikes=3)
     [f] = REGISTRY["training_record"].func(s)
-    assert f.fix.steps[0].startswith("The run peaked at a learning rate of 4.6e-05, within the usual 1e-05 to 5e-05")
+    assert f.fix.steps[0].startswith("The run peaked at a learning rate of 4.6e-05, within the usual 1e-5 to 5e-5")
 
 
 def test_an_uncertain_root_cause_still_shows_its_best_scored_candidates():

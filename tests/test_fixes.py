@@ -81,18 +81,21 @@ def test_logit_adjustment_snippet_shifts_the_bias(tiny_trained, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     model = copy.deepcopy(tiny_trained["model"])
     before = model.classifier.bias.detach().clone()
-    code = fixes.logit_adjustment_code(["sports", "politics", "business"], [-1.5, 0.75, 0.75], "bias_tuning")
+    code = fixes.logit_adjustment_code(["sports", "politics", "business"], [-20.0, 10.0, 10.0], "bias_tuning")
     assert "per-class biases tuned for balanced accuracy, no retraining" in code
     exec(compile(code, "logit_adjustment_snippet", "exec"), {"model": model, "tokenizer": tiny_trained["tokenizer"]})
-    assert (model.classifier.bias.detach() - before).tolist() == pytest.approx([-1.5, 0.75, 0.75])
+    assert (model.classifier.bias.detach() - before).tolist() == pytest.approx([-20.0, 10.0, 10.0])
     assert (tmp_path / "model-logit-adjusted" / "model.safetensors").exists()
-    # the folder it writes is one collapse-detect reads: the offsets move the predictions of the tiny model
+    # the folder it writes is one collapse-detect reads, and the offsets move its predictions away from sports
     from collapse_detect.cli import main
 
-    assert main([str(tmp_path / "model-logit-adjusted"), str(tiny_trained["eval"]), "--out", str(tmp_path / "o"),
-                 "--quiet"]) in (0, 1)
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["stats"]["n"] > 0 and summary["metadata"]["model_dir"].endswith("model-logit-adjusted")
+    shares = []
+    for name, folder in (("before", tiny_trained["dir"]), ("after", tmp_path / "model-logit-adjusted")):
+        assert main([str(folder), str(tiny_trained["eval"]), "--out", str(tmp_path / name), "--quiet"]) in (0, 1)
+        stats = json.loads((tmp_path / name / "summary.json").read_text())["stats"]
+        assert stats["class_names"] == ["sports", "politics", "business"]
+        shares.append([c["prediction_share"] for c in stats["per_class"]])
+    assert shares[1][0] < shares[0][0] and shares[1][1] + shares[1][2] > shares[0][1] + shares[0][2]
 
 
 def test_class_weights_agree_with_sklearn_balanced_when_every_class_is_present():

@@ -204,7 +204,7 @@ def test_rows_are_named_as_0_based_row_ids(tmp_path):
     with pytest.raises(InputError) as err:
         _map(NAMES, ["sports", None, "business", np.nan])
     assert str(err.value) == ("'d.csv': column 'label' is empty at row_ids 1, 3 (0-based data rows, as in "
-                              "predictions.csv); every row needs a gold label")
+                              "predictions.csv); every row needs a label")
 
 
 # ------------------------------------------------------------------ a star-rating model through the CLI

@@ -73,6 +73,16 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     path.write_text("text,label,label\na,sports,politics\n")
     with pytest.raises(InputError, match=r"the header names column 'label' twice; rename one of them"):
         _rows(path, ["sports", "politics"])
+    path.write_text(",text,label,,\n0,a,sports,,\n1,b,politics,,\n")  # an index column, trailing commas
+    assert _rows(path, ["sports", "politics"])[:2] == (["a", "b"], [0, 1])
+
+
+@pytest.mark.parametrize("label, expect", [("1", 1), ("1.0", 1), (" 2.00 ", 2), ("-0", 0), ("--1", None),
+                                           ("²", None), ("1.5", None), ("0x1", None), (2.0, 2), (2.5, None)])
+def test_one_reading_of_integer_ids(label, expect):
+    from collapse_detect.data import integer_label
+
+    assert integer_label(label) == expect
 
 
 # ------------------------------------------------------------------ TSV quotes
@@ -98,13 +108,12 @@ def test_tsv_written_by_pandas_is_read_with_its_quoting(tmp_path):
     assert _rows(path, ["sports", "politics"])[0] == frame["text"].tolist()
 
 
-def test_tsv_quote_spanning_lines_is_text_not_a_merge(tmp_path):
-    # well-formed as CSV, but the quoted "field" runs over two rows: as CSV it would swallow row 1
-    path = tmp_path / "span.tsv"
-    path.write_text('text\tlabel\n"start of a quote\tsports\nend of it"\tpolitics\nthird\tsports\n')
-    assert tsv_quoting(path) == csv.QUOTE_NONE
-    texts, gold, _ = _rows(path, ["sports", "politics"])
-    assert texts == ['"start of a quote', 'end of it"', "third"] and gold == [0, 1, 0]
+def test_tsv_written_by_pandas_with_newlines_and_long_texts(tmp_path):
+    frame = pd.DataFrame({"text": ["line1\nline2", 'x "q" ' * 30000, "plain"], "label": ["sports"] * 3})
+    path = tmp_path / "multi.tsv"
+    frame.to_csv(path, sep="\t", index=False)
+    assert tsv_quoting(path) == csv.QUOTE_MINIMAL  # a 180,000-character field is no sign of raw quotes
+    assert _rows(path, ["sports", "politics"])[0] == frame["text"].tolist()
 
 
 # ------------------------------------------------------------------ empty texts and encodings
@@ -190,6 +199,18 @@ def test_labels_only_predictions_sharing_no_value_are_refused(capsys, tmp_path):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["stats"]["accuracy"] == 1.0
 
 
+def test_labels_only_ids_in_two_spellings_are_one_class_each(capsys, tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("gold,predicted\n" + "0,0.0\n1,1.0\n1,1.0\n0,1.0\n" * 5)
+    code, err = _run(capsys, "--predictions", path, "--out", tmp_path / "o")
+    assert code in (0, 1) and "Error" not in err
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["stats"]["accuracy"] == 0.75
+    path.write_text("gold,predicted\n0,--1\n1,1\n--1,0\n")  # '--1' is no id: a class name, not a crash
+    code, err = _run(capsys, "--predictions", path, "--out", tmp_path / "o2")
+    assert code in (0, 1) and "Error" not in err
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["stats"]["class_names"] == ["--1", "0", "1"]
+
+
 def test_probabilities_rounded_to_two_decimals_are_accepted(capsys, tmp_path):
     path = tmp_path / "p.csv"
     # 0.34 + 0.34 + 0.33 = 1.01 (1.0100000000000002 in floating point)
@@ -197,6 +218,10 @@ def test_probabilities_rounded_to_two_decimals_are_accepted(capsys, tmp_path):
                   "prob_c": [0.33, 0.1, 0.7, 0.1]}).to_csv(path, index=False)
     code, err = _run(capsys, "--predictions", path, "--out", tmp_path / "o")
     assert code in (0, 1) and "Error" not in err
+    six = pd.DataFrame({"gold": list("abcdef")} | {f"prob_{c}": [0.17] * 6 for c in "abcdef"})  # sums to 1.02
+    six.to_csv(path, index=False)
+    code, err = _run(capsys, "--predictions", path, "--out", tmp_path / "o")
+    assert "Error" not in err
     path.write_text("gold,prob_a,prob_b\na,0.5,0.52\nb,0.2,0.8\n")
     code, err = _run(capsys, "--predictions", path, "--out", tmp_path / "o")
     assert code == 2 and "sum to 1.02, not 1" in err

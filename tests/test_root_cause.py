@@ -106,7 +106,7 @@ def test_diverged_training_record_names_the_learning_rate(tiny_trained):
     assert any("peak learning rate 0.005" in e for e in d.root_cause["evidence_for"])
     record = next(f for f in d.findings if f.check_id == "training_record")
     assert "no evaluation during training" in record.summary
-    assert record.fix.steps[0].startswith("The run peaked at a learning rate of 0.005, above the 1e-05 to 5e-05 "
+    assert record.fix.steps[0].startswith("The run peaked at a learning rate of 0.005, above the 1e-5 to 5e-5 "
                                           "that fine-tuning a pretrained encoder takes; retrain within that range")
     assert d.root_cause["fix"]["steps"][0] == record.fix.steps[0]
 
