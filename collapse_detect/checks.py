@@ -268,16 +268,28 @@ def _evidence(stats, *keys):
     return value
 
 
+def posthoc_repairs(post: dict | None, min_gain: float) -> bool:
+    """A post-hoc shift of the logits raises held-out balanced accuracy by at least ``min_gain``, with the
+    lower end of its 95% interval above the balanced accuracy before: the decision rule, not the scores, failed."""
+    if not post or post.get("gain") is None or post["gain"] < min_gain:
+        return False
+    ci = post["methods"][post["best"]].get("balanced_accuracy_ci")
+    return bool(ci) and ci[0] > post["before"]["balanced_accuracy"]
+
+
 @register("threshold_collapse", requires="scores",
           title="Scores still rank the classes: only the decision threshold collapsed",
           measures="macro ROC-AUC and the cross-validated gain of a post-hoc logit adjustment", severity="info",
           collapse=False)
-def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
-    """Info when the macro one-vs-rest ROC-AUC is at least ``min_auc`` and a post-hoc adjustment, measured on
-    held-out folds, raises balanced accuracy by at least ``min_gain``: a fix without retraining exists."""
+def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05, min_measured_gain: float = 0.2):
+    """Info when a post-hoc adjustment, measured on held-out folds, raises balanced accuracy by at least
+    ``min_gain`` and the macro one-vs-rest ROC-AUC is at least ``min_auc``, or raises it by at least
+    ``min_measured_gain`` whatever the AUC (one class's score alone can rank poorly while the shifted argmax
+    over all classes works): a fix without retraining exists."""
     post = stats.get("posthoc")
     auc = stats.get("macro_roc_auc")
-    if not post or auc is None or auc < min_auc or post["gain"] < min_gain:
+    ranked = auc is not None and auc >= min_auc and post is not None and post["gain"] >= min_gain
+    if not (ranked or posthoc_repairs(post, min_measured_gain)):
         return []
     best = post["methods"][post["best"]]
     before = post["before"]
@@ -288,7 +300,9 @@ def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05):
                               for i, c in enumerate(post["labels"]))
     return [Finding(
         "threshold_collapse", Severity.INFO,
-        f"The scores still rank the classes (macro ROC-AUC {auc:.3f}); {post['best'].replace('_', ' ')} "
+        (f"The scores still rank the classes (macro ROC-AUC {auc:.3f}); " if ranked else
+         f"Each class's score alone ranks poorly (macro ROC-AUC {'n/a' if auc is None else f'{auc:.3f}'}), yet ")
+        + f"{post['best'].replace('_', ' ')} "
         f"raises held-out balanced accuracy from {before['balanced_accuracy']:.3f} to "
         f"{best['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {post['folds']} folds of "
         f"{post['rows']} rows.",

@@ -224,7 +224,7 @@ def _param_kind(default) -> str:
 # Thresholds that are shares, probabilities or gains on a 0-1 scale; every other number must be finite and >= 0.
 UNIT_INTERVAL = frozenset({"warn_excess", "fail_excess", "floor", "min_gain", "min_auc", "min_agreement",
                            "min_mapped", "warn_unknown", "fail_unknown", "warn_truncated", "min_mass_share",
-                           "min_error_rate", "min_probe_gain"})
+                           "min_error_rate", "min_probe_gain", "min_measured_gain", "max_auc"})
 
 
 def _check_range(param: str, value, shown: str, where: str) -> None:

@@ -7,7 +7,7 @@ guessing.
 
 from __future__ import annotations
 
-from .checks import REGISTRY, output_is_constant
+from .checks import REGISTRY, output_is_constant, posthoc_repairs
 
 CAUSES = {
     "label_mapping_mismatch": "id2label does not match the data's labels",
@@ -194,8 +194,17 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
             # without the training labels, the eval majority is the best guess at the training majority
             con.append(f"the absorbing class '{top}' is not the eval set's majority '{majority}'")
             s -= 0.2
+    post = stats.get("posthoc")
+    repair = {**REGISTRY["threshold_collapse"].defaults,
+              **(params or {}).get("threshold_collapse", {})}["min_measured_gain"]
     if auc is not None and auc >= 0.8 and not constant:
         pro.append(f"the scores still rank the classes (macro ROC-AUC {auc:.2f}): only the threshold collapsed")
+        s += 0.35 if absorbing else 0.1
+    elif posthoc_repairs(post, repair) and not constant:
+        best = post["methods"][post["best"]]
+        pro.append(f"a post-hoc shift of the logits alone ({post['best'].replace('_', ' ')}) raises held-out "
+                   f"balanced accuracy from {post['before']['balanced_accuracy']:.2f} to "
+                   f"{best['balanced_accuracy']:.2f}: only the threshold collapsed")
         s += 0.35 if absorbing else 0.1
     elif auc is not None:
         con.append(f"macro ROC-AUC {auc:.2f}: the ranking is damaged too")

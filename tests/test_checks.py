@@ -237,3 +237,34 @@ def test_an_uncertain_root_cause_still_shows_its_best_scored_candidates():
     d.root_cause = {**scored[0], "confidence": "medium", "evidence_for": [], "evidence_against": [],
                     "candidates": scored}
     assert "Other candidates: input ignored (0.20); untrained head (0.10); tokenizer (0.00)" in render_html(d, {})
+
+
+def _posthoc(before, after, ci, best="bias_tuning"):
+    return {"rows": 200, "folds": 5, "labels": [0, 1, 2], "prior_source": "the eval labels", "best": best,
+            "before": {"recall": [1.0, 0.0, 0.0], "balanced_accuracy": before},
+            "methods": {best: {"recall": [0.9, 0.9, 0.9], "balanced_accuracy": after, "balanced_accuracy_ci": ci}},
+            "offsets": [-2.0, 1.0, 1.0], "gain": after - before, "caveat": "measured on held-out folds"}
+
+
+def test_a_large_measured_post_hoc_gain_counts_whatever_the_auc():
+    from collapse_detect.rootcause import infer_root_cause
+
+    s = _collapsed()
+    s["macro_roc_auc"] = 0.72  # one class's score alone ranks poorly ...
+    s["posthoc"] = _posthoc(0.33, 0.90, [0.87, 0.93])  # ... yet shifting the logits fixes the argmax
+    [f] = REGISTRY["threshold_collapse"].func(s)
+    assert f.summary.startswith("Each class's score alone ranks poorly (macro ROC-AUC 0.720), yet bias tuning "
+                                "raises held-out balanced accuracy from 0.330 to 0.900 (95% CI 0.870-0.930)")
+    cause = infer_root_cause(s, collapsed=True)
+    assert cause["cause"] == "class_imbalance"
+    assert any("a post-hoc shift of the logits alone (bias tuning) raises held-out balanced accuracy from 0.33 "
+               "to 0.90" in e for e in cause["evidence_for"])
+    assert not any("ranking is damaged" in e for e in cause["evidence_against"])
+    # a gain the interval does not separate from the start, or under min_measured_gain, is not enough
+    s["posthoc"] = _posthoc(0.33, 0.60, [0.30, 0.80])
+    assert REGISTRY["threshold_collapse"].func(s) == []
+    s["posthoc"] = _posthoc(0.33, 0.50, [0.45, 0.55])
+    assert REGISTRY["threshold_collapse"].func(s) == []
+    assert REGISTRY["threshold_collapse"].func(s, min_measured_gain=0.1)
+    cause = infer_root_cause(s, collapsed=True)
+    assert any("ranking is damaged" in e for e in cause["evidence_against"])

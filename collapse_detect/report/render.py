@@ -30,7 +30,7 @@ def render_json(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
 # drive the terminal: they are shown as escapes instead.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Markdown's inline syntax: a class name like "[x](javascript:...)" or "![i](http://...)" must stay text
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~<>&])")
 
 
 def visible(text) -> str:
@@ -39,9 +39,9 @@ def visible(text) -> str:
 
 
 def _md_escape(text: str) -> str:
-    """Text for Markdown: no HTML, no links or images, no emphasis, code spans or table cells from the data."""
-    text = _MD_SPECIAL.sub(r"\\\1", visible(text))
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Text for Markdown: no HTML, no links or images, no emphasis, code spans or table cells from the data;
+    every such character is backslash-escaped (CommonMark), so the plain text stays readable ("-\\>")."""
+    return _MD_SPECIAL.sub(r"\\\1", visible(text))  # backslash escapes: "\<" shows "<" and starts no HTML
 
 
 def _md_code(text) -> str:
