@@ -21,6 +21,9 @@ class Fix:
         return {"title": self.title, "steps": list(self.steps), "code": self.code, "values": dict(self.values)}
 
 
+IMBALANCE_FIX_TITLE = "Retrain with class-weighted loss, regularization and early stopping"
+
+
 def class_weights(counts) -> np.ndarray:
     """Balanced class weights n / (k * count_c) (sklearn's "balanced"), k the number of classes (``len(counts)``,
     the model's classes, counted or not).
@@ -162,7 +165,7 @@ def imbalance_fix(stats: dict, train_counts=None) -> Fix:
                          "classes); replace with weights from the training labels (--train-file gives weights "
                          "from the real training labels).")
     return Fix(
-        title="Retrain with class-weighted loss, regularization and early stopping",
+        title=IMBALANCE_FIX_TITLE,
         steps=steps + [
             "Or resample the training set so every class is seen equally often (WeightedRandomSampler, "
             "each row weighted by its class's weight above).",

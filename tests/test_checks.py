@@ -268,3 +268,26 @@ def test_a_large_measured_post_hoc_gain_counts_whatever_the_auc():
     assert REGISTRY["threshold_collapse"].func(s, min_measured_gain=0.1)
     cause = infer_root_cause(s, collapsed=True)
     assert any("ranking is damaged" in e for e in cause["evidence_against"])
+
+
+def test_a_confident_other_cause_leaves_class_weights_out_of_the_fixes():
+    from collapse_detect import fixes
+    from collapse_detect.diagnosis import Diagnosis
+    from collapse_detect.report.render import ordered_fixes, render_markdown
+
+    s = _collapsed()
+    d = Diagnosis(run_checks(s), s, {})
+    assert {f.fix.title for f in d.findings if f.fix} == {fixes.IMBALANCE_FIX_TITLE}
+    rc = {"cause": "diverged_optimization", "label": "too high a learning rate", "score": 0.9, "confidence": "high",
+          "evidence_for": [], "evidence_against": [], "fix": fixes.optimization_fix(5e-3).to_dict()}
+    d.root_cause = rc
+    assert [f.title for f in ordered_fixes(d)] == ["Retrain with a smaller learning rate and warm-up"]
+    md = render_markdown(d)
+    assert "## Fix: Retrain with a smaller learning rate and warm-up" in md
+    assert f"## Fix: {fixes.IMBALANCE_FIX_TITLE}" not in md
+    assert f"  - Fix: {fixes.IMBALANCE_FIX_TITLE}" in md  # each finding still names its own fix
+    for confidence in ("medium", "low"):  # not sure of the other cause: class weights stay, second
+        d.root_cause = {**rc, "confidence": confidence}
+        assert [f.title for f in ordered_fixes(d)] == ["Retrain with a smaller learning rate and warm-up",
+                                                       fixes.IMBALANCE_FIX_TITLE]
+        assert f"## Fix: {fixes.IMBALANCE_FIX_TITLE}" in render_markdown(d)

@@ -119,15 +119,22 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
 
 
 def ordered_fixes(diagnosis: Diagnosis) -> list:
-    """Distinct fixes of the findings, the one for the likely root cause first."""
-    from ..fixes import Fix
+    """Distinct fixes of the findings, the one for the likely root cause first. When another cause is named
+    with high confidence, the class-weight retraining that the imbalance-shaped findings carry is left out:
+    a diverged run, a random head or a permuted id2label looks imbalanced from outside, and weights do not
+    mend it (each finding still names its own fix)."""
+    from ..fixes import IMBALANCE_FIX_TITLE, Fix
 
     fixes = []
-    rc_fix = (diagnosis.root_cause or {}).get("fix")
+    rc = diagnosis.root_cause or {}
+    rc_fix = rc.get("fix")
     if rc_fix:
         own = next((f.fix for f in diagnosis.findings if f.fix and f.fix.title == rc_fix["title"]), None)
         fixes.append(own or Fix(**rc_fix))
+    other_cause = rc.get("confidence") == "high" and rc.get("cause") not in (None, "uncertain", "class_imbalance")
     for f in diagnosis.findings:
+        if other_cause and f.fix and f.fix.title == IMBALANCE_FIX_TITLE:
+            continue
         if f.fix and all(f.fix.title != x.title for x in fixes):
             fixes.append(f.fix)
     return fixes
