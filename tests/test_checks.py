@@ -291,3 +291,19 @@ def test_a_confident_other_cause_leaves_class_weights_out_of_the_fixes():
         assert [f.title for f in ordered_fixes(d)] == ["Retrain with a smaller learning rate and warm-up",
                                                        fixes.IMBALANCE_FIX_TITLE]
         assert f"## Fix: {fixes.IMBALANCE_FIX_TITLE}" in render_markdown(d)
+
+
+def test_the_root_cause_fix_is_shown_in_its_own_words():
+    # constant_output carries the generic learning-rate fix; the root cause's names the run's peak rate
+    from collapse_detect import fixes
+    from collapse_detect.diagnosis import Diagnosis
+    from collapse_detect.report.render import ordered_fixes
+
+    s = _collapsed()
+    findings = run_checks(s)
+    findings[0].fix = fixes.optimization_fix()
+    d = Diagnosis(findings, s, {})
+    d.root_cause = {"cause": "diverged_optimization", "label": "diverged", "score": 0.9, "confidence": "high",
+                    "evidence_for": [], "evidence_against": [], "fix": fixes.optimization_fix(8.9e-3).to_dict()}
+    [shown] = ordered_fixes(d)
+    assert shown.steps[0].startswith("The run peaked at a learning rate of 0.0089, above the 1e-5 to 5e-5")

@@ -128,9 +128,8 @@ def ordered_fixes(diagnosis: Diagnosis) -> list:
     fixes = []
     rc = diagnosis.root_cause or {}
     rc_fix = rc.get("fix")
-    if rc_fix:
-        own = next((f.fix for f in diagnosis.findings if f.fix and f.fix.title == rc_fix["title"]), None)
-        fixes.append(own or Fix(**rc_fix))
+    if rc_fix:  # the root cause's own (it names the run's peak learning rate; a finding's copy may not)
+        fixes.append(Fix(**rc_fix))
     other_cause = rc.get("confidence") == "high" and rc.get("cause") not in (None, "uncertain", "class_imbalance")
     for f in diagnosis.findings:
         if other_cause and f.fix and f.fix.title == IMBALANCE_FIX_TITLE:
