@@ -119,7 +119,15 @@ def training_record(state: dict | None) -> dict | None:
         out["diverged"] = bool(out["nan_loss"] or (finite and last > 1.5 * min(finite) and last > 0.9 * first))
     if lrs:
         out["max_learning_rate"] = max(lrs)
-        out["warmup"] = len(lrs) > 1 and lrs[0] < 0.5 * max(lrs)
+        # a ramp in the logged rates shows a warm-up; a first log already at the peak shows none only when it
+        # is the run's first step (a warm-up shorter than the logging interval leaves no trace): else unknown
+        steps = [h.get("step") for h in train if "learning_rate" in h]
+        if len(lrs) > 1 and lrs[0] < 0.5 * max(lrs):
+            out["warmup"] = True
+        elif steps and steps[0] == 1:
+            out["warmup"] = False
+        else:
+            out["warmup"] = None
     if grads:
         out["first_grad_norm"], out["last_grad_norm"] = grads[0], grads[-1]
         out["grad_norm_collapse"] = bool(grads[0] > 0 and grads[-1] < 1e-3 * grads[0])

@@ -307,3 +307,16 @@ def test_the_root_cause_fix_is_shown_in_its_own_words():
                     "evidence_for": [], "evidence_against": [], "fix": fixes.optimization_fix(8.9e-3).to_dict()}
     [shown] = ordered_fixes(d)
     assert shown.steps[0].startswith("The run peaked at a learning rate of 0.0089, above the 1e-5 to 5e-5")
+
+
+def test_warm_up_is_read_from_the_log_only_where_it_can_be():
+    from collapse_detect.analysis import training_record
+
+    def log(steps_and_rates):
+        return {"log_history": [{"step": s, "loss": 1.0, "learning_rate": lr} for s, lr in steps_and_rates]}
+
+    assert training_record(log([(10, 1e-6), (20, 2e-5), (30, 1.5e-5)]))["warmup"] is True
+    assert training_record(log([(1, 2e-5), (20, 1.8e-5)]))["warmup"] is False
+    # first logged at step 500, already at the peak: a warm-up over the first 100 steps would look the same
+    record = training_record(log([(500, 2e-5), (1000, 1e-5)]))
+    assert record["warmup"] is None and record["max_learning_rate"] == 2e-5
