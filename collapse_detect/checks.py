@@ -523,11 +523,21 @@ def checks_selected(only=None, skip=None) -> list[str]:
     return [c for c in REGISTRY if not (only and c not in only) and not (skip and c in skip)]
 
 
+GRAD_GROUP_MIN_ROWS = 5  # a sampled group speaks for a class only with this many of its rows measured
+
+
 def _grad_group(stats, prefer=("ghost:total", "head")):
+    """The gradient group the checks read: ghost norms over the whole model when every class with rows has at
+    least GRAD_GROUP_MIN_ROWS of them measured (a small --grad-sample falls back), else the head's (every row)."""
     grads = stats.get("gradients") or {}
+    support = {c["class"]: c["support"] for c in stats["per_class"]}
     for group in prefer:
-        if group in grads and grads[group]["n"] > 0:
-            return group, grads[group]
+        g = grads.get(group)
+        if not g or g["n"] == 0:
+            continue
+        if group == "head" or all(c["n"] >= min(GRAD_GROUP_MIN_ROWS, support.get(c["class"], 0))
+                                  for c in g["per_class"]):
+            return group, g
     return None, None
 
 
@@ -542,10 +552,12 @@ def gradient_dominated(stats, *, min_mass_share: float = 0.5, min_ratio: float =
         return []
     hit = [c for c in g["per_class"] if c["mass_share"] is not None and c["example_share"]
            and c["mass_share"] >= min_mass_share and c["mass_share"] >= min_ratio * c["example_share"]]
+    estimated = (f", estimated from {min(x['n'] for x in g['per_class'] if x['n'])} or more measured rows per "
+                 "class" if g.get("sampled") else "")
     return [Finding(
         "gradient_dominated", Severity.WARN,
-        f"'{c['class']}' carries {c['mass_share']:.0%} of the gradient mass ({group}) with {c['example_share']:.0%} "
-        f"of the rows: training on this data would be driven by it.",
+        f"'{c['class']}' carries {c['mass_share']:.0%} of the gradient mass ({group}{estimated}) with "
+        f"{c['example_share']:.0%} of the rows: training on this data would be driven by it.",
         evidence={"group": group, **c}, classes=[c["class"]],
         cause="The model fits the other classes and gets this one wrong with confidence: its examples produce "
               "the large gradients.",
@@ -568,13 +580,26 @@ def minority_gradient_ratio(stats, *, max_ratio: float = 5.0, min_support: int =
     if not hit:
         return []
     majority = stats["majority_baseline"]["class"]
+    major = next(c for c in g["per_class"] if c["class"] == majority)
+    # the typical row too, or a few rows? medians tell a class that is not fitted from a handful of hard rows
+    broad = [c for c in hit if c["median"] is not None and major["median"]
+             and c["median"] >= max_ratio * major["median"]]
     detail = listed([f"{c['class']} {c['ratio_to_majority']:.1f}x" for c in _largest_first(hit, "n")], ", ")
+    if len(broad) == len(hit):
+        cause = ("The majority class's examples are already easy (tiny gradients) while the minority classes' "
+                 "are not fitted: the signature of imbalance-driven collapse.")
+    else:
+        few = listed([c["class"] for c in hit if c not in broad], ", ")
+        cause = (f"For {few} the median row's gradient is not large: a few rows (confidently wrong, or "
+                 "mislabeled) carry the mean. Look at those rows in predictions.csv before reweighting.")
     return [Finding(
         "minority_gradient_ratio", Severity.WARN,
         f"Mean gradient norm ({group}) relative to the majority class '{majority}': {detail}.",
-        evidence={"group": group, "per_class": g["per_class"]}, classes=[c["class"] for c in hit],
-        cause="The majority class's examples are already easy (tiny gradients) while the minority classes' are "
-              "not fitted: the signature of imbalance-driven collapse.",
+        evidence={"group": group, "per_class": g["per_class"],
+                  "median_ratio": {c["class"]: (c["median"] / major["median"] if c["median"] is not None
+                                                and major["median"] else None) for c in hit}},
+        classes=[c["class"] for c in hit],
+        cause=cause,
         fix=fixes.imbalance_fix(stats, stats.get("model", {}).get("train_counts")),
     )]
 

@@ -418,14 +418,24 @@ def _quantile(values: np.ndarray, q: float) -> float | None:
     return float(np.quantile(values, q)) if len(values) else None
 
 
-def gradient_stats(grad: dict[str, GradAccumulator], class_names: list[str], majority: int) -> dict:
-    """Per group and class: mean, median, 90th percentile, share of gradient mass vs share of examples,
-    and the ratio of each class's mean norm to the majority class's."""
+def gradient_stats(grad: dict[str, GradAccumulator], class_names: list[str], majority: int,
+                   support: np.ndarray) -> dict:
+    """Per group and class: mean, median, 90th percentile, share of gradient mass vs share of the eval rows,
+    and the ratio of each class's mean norm to the majority class's.
+
+    A group measured on a stratified sample (ghost norms: the same number of rows per class) estimates each
+    class's mass as its mean norm times its rows in the eval set, so the shares describe the data, not the
+    sample; a group over every row (the head) gives the same numbers exactly."""
+    support = np.asarray(support, dtype=float)
+    rows = support.sum()
     out = {}
     for group, acc in sorted(grad.items()):
         count = acc.count.astype(float)
-        total = acc.total.sum()
         mean = np.divide(acc.total, count, out=np.full(len(count), np.nan), where=count > 0)
+        sampled = bool((count < support).any())
+        # a class with rows but none measured leaves the mass unknown
+        mass = np.where(support > 0, support * np.nan_to_num(mean), 0.0)
+        known = not ((support > 0) & (count == 0)).any() and mass.sum() > 0
         per_class = []
         for c, name in enumerate(class_names):
             values = acc.values[c].arrays.get("value", np.empty(0)) if len(acc.values[c]) else np.empty(0)
@@ -433,13 +443,14 @@ def gradient_stats(grad: dict[str, GradAccumulator], class_names: list[str], maj
                 "class": name, "n": int(count[c]),
                 "mean": None if count[c] == 0 else float(mean[c]),
                 "median": _quantile(values, 0.5), "p90": _quantile(values, 0.9),
-                "mass_share": float(acc.total[c] / total) if total > 0 else None,
-                "example_share": float(count[c] / count.sum()) if count.sum() > 0 else None,
+                "mass_share": float(mass[c] / mass.sum()) if known else None,
+                "example_share": float(support[c] / rows) if rows > 0 else None,
                 "ratio_to_majority": (float(mean[c] / mean[majority])
                                       if count[c] > 0 and count[majority] > 0 and mean[majority] > 0 else None),
             })
+        total = acc.total.sum()
         out[group] = {"n": int(count.sum()), "mean": float(total / count.sum()) if count.sum() else None,
-                      "per_class": per_class}
+                      "sampled": sampled, "per_class": per_class}
     return out
 
 
@@ -510,7 +521,7 @@ def compute_stats(acc: Accumulator) -> dict:
     stats["calibration"].update(calibration_summary(sample.get("probs"), sample.get("gold"), stats,
                                                     sample.get("logits")))
     if acc.grad:
-        stats["gradients"] = gradient_stats(acc.grad, acc.class_names, baseline["class_id"])
+        stats["gradients"] = gradient_stats(acc.grad, acc.class_names, baseline["class_id"], support)
         # private (not written to JSON): a hash-ordered sample of norms per class for the box plots
         stats["_grad_samples"] = {
             group: [res.arrays.get("value", np.empty(0))[:2000].tolist() if len(res) else [] for res in g.values]

@@ -94,3 +94,52 @@ def test_training_args_bin_is_read_only_with_allow_pickle(tiny_trained, tmp_path
     opened = diagnose_files(ckpt, tiny_trained["eval"], RunOptions(allow_pickle=True))
     assert opened.stats["evidence"]["training_args"]["read"] is True
     assert opened.stats["evidence"]["training_args"]["learning_rate"] == pytest.approx(3e-4)
+
+
+def _grad_stats_two_groups(head_by_class, ghost_by_class, k=3):
+    """Every row has a head norm; ghost norms only on the rows given (NaN marks the rows not sampled)."""
+    gold = np.concatenate([[c] * len(v) for c, v in head_by_class.items()])
+    head = np.concatenate([v for v in head_by_class.values()])
+    ghost = np.full(len(gold), np.nan)
+    for c, values in ghost_by_class.items():
+        rows = np.flatnonzero(gold == c)[:len(values)]
+        ghost[rows] = values
+    acc = Accumulator([f"c{i}" for i in range(k)])
+    logits = np.zeros((len(gold), k))
+    logits[np.arange(len(gold)), gold] = 3.0
+    acc.update(np.arange(len(gold)), gold, logits, grad_norms={"head": head, "ghost:total": ghost})
+    stats = compute_stats(acc)
+    stats["model"] = {}
+    return stats
+
+
+def test_a_stratified_sample_estimates_the_mass_of_the_whole_eval_set():
+    # 60 / 20 / 20 rows; ghost norms on 10 rows of each class: class c1's rows are 5x heavier
+    stats = _grad_stats_two_groups({0: [1.0] * 60, 1: [5.0] * 20, 2: [1.0] * 20},
+                                   {0: [1.0] * 10, 1: [5.0] * 10, 2: [1.0] * 10})
+    g = stats["gradients"]["ghost:total"]
+    per = {c["class"]: c for c in g["per_class"]}
+    assert g["sampled"] is True and not stats["gradients"]["head"]["sampled"]
+    # mass = mean x eval rows: 60, 100, 20 (the sample alone would say 10, 50, 10)
+    assert per["c1"]["mass_share"] == pytest.approx(100 / 180) and per["c1"]["example_share"] == pytest.approx(0.2)
+    [dom] = REGISTRY["gradient_dominated"].func(stats)
+    assert dom.summary == ("'c1' carries 56% of the gradient mass (ghost:total, estimated from 10 or more measured "
+                           "rows per class) with 20% of the rows: training on this data would be driven by it.")
+
+
+def test_too_small_a_sample_falls_back_to_the_head_norms():
+    stats = _grad_stats_two_groups({0: [0.1] * 60, 1: [5.0] * 20, 2: [4.0] * 20},
+                                   {0: [0.1] * 3, 1: [5.0] * 3, 2: [4.0] * 3})
+    [ratio] = REGISTRY["minority_gradient_ratio"].func(stats)
+    assert ratio.evidence["group"] == "head" and "c1 50.0x" in ratio.summary
+
+
+def test_a_few_hard_rows_are_not_called_an_unfitted_class():
+    # c1: 16 fitted rows and 4 confidently wrong ones; its mean is 20x the majority's, its median is not
+    stats = _grad_stats(({0: [0.2] * 60, 1: [0.1] * 16 + [20.0] * 4, 2: [0.2] * 20}))
+    [ratio] = REGISTRY["minority_gradient_ratio"].func(stats)
+    assert ratio.classes == ["c1"] and ratio.evidence["median_ratio"]["c1"] == pytest.approx(0.5)
+    assert ratio.cause.startswith("For c1 the median row's gradient is not large: a few rows")
+    broad = _grad_stats({0: [0.2] * 60, 1: [4.0] * 20, 2: [0.2] * 20})
+    [ratio] = REGISTRY["minority_gradient_ratio"].func(broad)
+    assert ratio.cause.startswith("The majority class's examples are already easy")
