@@ -81,10 +81,25 @@ def require_two_classes(stats: dict, source) -> None:
                      "classes")
 
 
+def require_a_gate(only, skip, not_run: dict | None = None) -> None:
+    """Refuse a selection of checks in which none can fail the gate (``--only``/``--skip``, and in predictions
+    mode the checks the file cannot feed): such a run would pass whatever the model does."""
+    from .checks import REGISTRY, checks_selected
+
+    ran = checks_selected(only, skip)
+    if any(REGISTRY[c].collapse for c in ran):
+        return
+    cannot = [c for c in (only or []) if c in (not_run or {})]
+    why = f"; {', '.join(cannot)} cannot run here ({not_run[cannot[0]]})" if cannot else ""
+    raise InputError(f"--only/--skip leave no check that can fail the gate (running: {', '.join(ran) or 'none'}"
+                     f"{why}); a gate that cannot look must not pass: select at least one collapse check")
+
+
 def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
     """Run the checks on computed statistics (re-judging a saved run needs nothing more)."""
     from .rootcause import infer_root_cause
 
+    require_a_gate(options.only, options.skip, metadata.get("not_run"))
     findings = run_checks(stats, only=options.only, skip=options.skip, params=options.check_params)
     metadata["checks_run"] = checks_selected(options.only, options.skip)
     diagnosis = Diagnosis(findings, stats, metadata)
@@ -209,7 +224,7 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     evidence: dict = {"label_permutation": analysis.label_permutation(stats["confusion"]),
                       "training_record": analysis.training_record(loaded.resolved.trainer_state)}
     args_file = loaded.resolved.path / "training_args.bin"
-    if args_file.is_file():
+    if loaded.weights_file != IN_MEMORY and args_file.is_file():  # not the working folder's for a diagnose() model
         evidence["training_args"] = _training_args(args_file, options.allow_pickle)
     threads = outcome.run.runtime.get("threads", 1)  # as the probe ran (BatchRunner's workers)
     if "features" in sample:
@@ -290,12 +305,47 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
             "note": "re-probed on the same eval rows the offsets were chosen on; confirm on held-out data"}
 
 
+IN_MEMORY = "(in memory)"  # the weights file of a model passed to diagnose()
+
+
+def _trainer_state(value) -> tuple[dict | None, Path | None]:
+    """diagnose()'s ``trainer_state``: None, a path to trainer_state.json, a dict, or a transformers
+    TrainerState (anything with ``log_history``)."""
+    import json
+
+    if value is None:
+        return None, None
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), path
+        except (OSError, ValueError) as exc:
+            raise InputError(f"trainer_state {str(path)!r} cannot be read as JSON: {exc}") from None
+    if isinstance(value, dict):
+        return value, None
+    if hasattr(value, "log_history"):
+        return {"log_history": list(value.log_history), "global_step": getattr(value, "global_step", None),
+                "max_steps": getattr(value, "max_steps", None)}, None
+    raise InputError(f"trainer_state must be a path, a dict or a TrainerState, got {type(value).__name__}")
+
+
+def _check_api_numbers(**values) -> None:
+    """diagnose()'s numeric keywords: integers at or above a floor (``None`` where allowed), as the command
+    line checks its flags."""
+    for name, (value, floor, optional) in values.items():
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < floor:
+            allowed = " or None" if optional else ""
+            raise InputError(f"{name} must be an integer >= {floor}{allowed}, got {value!r}")
+
+
 def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=None, text_pair_col=None,
              label_col=None, label_names=None, batch_size: int = DEFAULT_BATCH_ROWS, max_length: int | None = None,
              max_tokens_per_batch: int | None = DEFAULT_BATCH_TOKENS, grad_sample: int = 0,
              grad_layers: int | None = None, seed: int = 0, check_params: dict | None = None, only=None, skip=None,
              fail_on: str = "fail", keep_predictions: bool = True, progress: bool = False,
-             threads: int | None = None) -> Diagnosis:
+             threads: int | None = None, trainer_state=None) -> Diagnosis:
     """Probe an in-memory model on in-memory rows and judge it: the same ``Diagnosis`` the CLI renders.
 
     ``texts`` is a list of strings (with ``labels``: class names or ids, and optionally ``text_pairs``), or a
@@ -303,7 +353,9 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     ``text_pair_col``, ``label_col``). ``check_params`` maps check id to thresholds, as in
     ``[tool.collapse-detect.checks]``; ``only``/``skip`` are check ids. The model's training mode is restored
     afterwards. ``threads``: batches probed at once, one thread each, for a model on the CPU (default: as the
-    CLI chooses, see runtime.choose_threads); torch's thread setting is back afterwards.
+    CLI chooses, see runtime.choose_threads); torch's thread setting is back afterwards. ``trainer_state``: the
+    run's ``trainer_state.json`` (a path, or ``trainer.state`` / a dict), read as the CLI reads the one beside
+    a checkpoint (learning rate, divergence, evaluation).
     ``Diagnosis.save(folder)`` writes the CLI's files; in a notebook the result shows as a compact HTML summary.
 
     >>> diagnosis = collapse_detect.diagnose(model, tokenizer, ["a great match", "shares fall"],
@@ -321,6 +373,20 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     if fail_on not in ("warn", "fail"):
         raise ValueError(f"fail_on must be 'warn' or 'fail', got {fail_on!r}")
+    _check_api_numbers(batch_size=(batch_size, 1, False), max_length=(max_length, 1, True),
+                       max_tokens_per_batch=(max_tokens_per_batch, 1, True), grad_sample=(grad_sample, 0, False),
+                       grad_layers=(grad_layers, 1, True), threads=(threads, 1, True), seed=(seed, 0, False))
+    if not 0 <= seed < 2 ** 32:
+        raise InputError(f"seed must be in 0..{2 ** 32 - 1}, got {seed}")
+    if not hasattr(model, "config") or not callable(model):
+        raise InputError(f"model must be a loaded transformers model, got {type(model).__name__} (for a folder, "
+                         "run the collapse-detect command or load it with from_pretrained)")
+    if tokenizer is None or not callable(tokenizer):
+        raise InputError(f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__}")
+    if isinstance(label_names, str):  # "a,b,c", as the command line takes it
+        label_names = [x.strip() for x in label_names.split(",")]
+    if labels is not None and hasattr(labels, "tolist") and not isinstance(labels, pd.Series):
+        labels = labels.tolist()  # a torch tensor or numpy array of ids
     source = "DataFrame" if isinstance(texts, pd.DataFrame) else "texts"
     if isinstance(texts, pd.DataFrame):
         if labels is not None or text_pairs is not None:
@@ -334,7 +400,10 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
             raise InputError("diagnose() needs the gold labels: diagnose(model, tokenizer, texts, labels)")
         if isinstance(texts, str):
             raise InputError("texts must be a list of strings or a DataFrame, got one string")
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise InputError(f"texts must be a list of strings or a DataFrame, got {type(texts).__name__}") from None
         data = {"text": texts, "label": list(labels)}
         if len(data["label"]) != len(texts):
             raise InputError(f"{len(texts)} texts but {len(data['label'])} labels; pass one label per text")
@@ -390,9 +459,11 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
             kept.append((chunk.row_ids, chunk.gold, np.asarray(probs)))
 
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-    resolved = ResolvedCheckpoint(Path("."), Path("."), "in-memory model passed to collapse_detect.diagnose()")
-    loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file="(in memory)")
-    was_training = getattr(model, "training", False)
+    state, state_path = _trainer_state(trainer_state)
+    resolved = ResolvedCheckpoint(Path("."), Path("."), "in-memory model passed to collapse_detect.diagnose()",
+                                  trainer_state=state, trainer_state_path=state_path)
+    loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file=IN_MEMORY)
+    modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
     try:  # the probe and the model evidence run in eval mode; a notebook's training loop gets its mode back
         probe_options = probe_options_for(options)
         runtime = {"threads": 1, "threads_reason": "model not on the CPU"}
@@ -404,8 +475,9 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
         run.runtime.update(runtime)
         outcome = ProbeOutcome(loaded, class_names, columns, run)
         diagnosis = diagnosis_from_outcome(outcome, name, f"({source}, {len(frame)} rows)", options)
-    finally:
-        model.train(was_training)
+    finally:  # every submodule's own mode (a notebook may hold part of the model in eval mode)
+        for module, training in modes:
+            module.training = training
     diagnosis.metadata.update({
         "mode": "python-api", "model_dir": name, "model_name": Path(name).name or name, "checkpoint": None,
         "checkpoint_reason": resolved.reason, "weights_file": None, "fail_on": fail_on,

@@ -439,7 +439,7 @@ def long_inputs_truncated(stats, *, warn_truncated: float = 0.2):
     first tokens only. Not a collapse, so it never fails the gate."""
     tok = stats.get("tokenization") or {}
     trunc = tok.get("truncation_rate", 0.0)
-    if trunc < warn_truncated:
+    if trunc < warn_truncated or not tok.get("truncated_rows"):
         return []
     limit = tok.get("max_length")
     model_limit = tok.get("model_max_length", limit)

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Probe a fine-tuned classifier on an eval set and report majority-class collapse. "
                             "Exit code 0: no collapse finding at or over --fail-on; 1: collapse found; "
                             "2: bad input or usage.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"collapse-detect {__version__}")
     p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="folder written by save_pretrained(), or a "
                    "Trainer output_dir with checkpoint-* subfolders (not with --predictions)")
     p.add_argument("data", metavar="DATA", nargs="?", help="eval file: .csv, .tsv, .jsonl or .parquet with a text "
@@ -177,9 +180,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(args) -> int:
-    from .api import RunOptions, diagnosis_from_outcome, probe_files, write_fixed
+    from .api import RunOptions, diagnosis_from_outcome, probe_files, require_a_gate, write_fixed
     from . import distributed
-    from .outputs import OutputWriter, check_writable
+    from .outputs import OutputWriter, check_inputs_outside, check_writable
     from .report.render import render_terminal
     from .report.write import append_step_summary, write_junit, write_report_files
 
@@ -206,7 +209,10 @@ def _run(args) -> int:
         return distributed.follow(dist, model_dir, args.data, options, keep_predictions="csv" in args.format)
     distributed.expect_followers(dist)  # so that an error below still stops them (see notify_failure)
     # every output path is checked before any work, so a mistake costs no probe and leaves nothing behind
+    require_a_gate(args.only, args.skip)
     check_writable("--out", out_dir, folder=True)
+    check_inputs_outside(out_dir, {"--predictions": args.predictions, "DATA": args.data,
+                                   "--train-file": args.train_file})
     if args.junit:
         check_writable("--junit", args.junit, folder=False)
     if args.write_fixed:
@@ -218,6 +224,9 @@ def _run(args) -> int:
         raise InputError(f"--train-file {args.train_file!r} does not exist")
     if args.predictions is not None and args.write_fixed:
         raise InputError("--write-fixed needs a model; it cannot be used with --predictions")
+    if args.predictions is not None and set(args.format) <= {"csv"}:
+        raise InputError("--format csv writes predictions.csv, which a --predictions run reads instead of writing; "
+                         "add html, json or md to --format")
     writer = OutputWriter(out_dir, args.format)
     try:
         if args.predictions is not None:
@@ -257,4 +266,8 @@ def _run(args) -> int:
             print(render_terminal(diagnosis, report, args.fail_on), flush=True)
         except BrokenPipeError:  # piped into head & co.: the reader left; the report is written
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError as exc:  # stdout full or gone: the verdict stands, the report is written
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            print(f"warning: could not print the summary ({exc.strerror or exc}); the report is in "
+                  f"{str(report)!r}", file=sys.stderr)
     return diagnosis.exit_code(args.fail_on)

@@ -139,7 +139,7 @@ def configurable_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.
         if not longs:
             continue
         key = normalise_key(longs[0][2:])
-        if key in NOT_CONFIGURABLE or isinstance(action, argparse._HelpAction):
+        if key in NOT_CONFIGURABLE or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
         out[key] = action
     return out
@@ -188,6 +188,8 @@ def _global_value(key: str, action: argparse.Action, value, where: str):
     if kind == "string" and not isinstance(value, str):
         raise ConfigError(f"{where}: {key} must be a string, got {_show(value)}")
     if kind == "string or array":
+        if value == [] and key == "skip":  # skip nothing
+            return action.default
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = ",".join(value)
         elif not isinstance(value, str):

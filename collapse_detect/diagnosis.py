@@ -23,23 +23,27 @@ class Diagnosis:
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
 
-    def gating_findings(self, fail_on: str = "fail") -> list[Finding]:
+    def _fail_on(self, fail_on: str | None) -> str:
+        """The threshold asked for, else the run's own (``diagnose(fail_on=...)``, ``--fail-on``), else fail."""
+        return fail_on or (self.metadata or {}).get("fail_on") or "fail"
+
+    def gating_findings(self, fail_on: str | None = None) -> list[Finding]:
         """Findings of collapse checks at or over ``fail_on``; a crashed check gates too, since a gate that
         could not look must not pass."""
-        threshold = Severity(fail_on).rank
+        threshold = Severity(self._fail_on(fail_on)).rank
         return [f for f in self.findings
                 if f.severity is Severity.ERROR
                 or (f.severity.rank >= threshold and REGISTRY.get(f.check_id) is not None
                     and REGISTRY[f.check_id].collapse)]
 
-    def verdict(self, fail_on: str = "fail") -> str:
+    def verdict(self, fail_on: str | None = None) -> str:
         if self.gating_findings(fail_on):
             return "COLLAPSE"
         if any(f.severity.rank >= Severity.WARN.rank for f in self.findings):
             return "WARNINGS"
         return "HEALTHY"
 
-    def exit_code(self, fail_on: str = "fail") -> int:
+    def exit_code(self, fail_on: str | None = None) -> int:
         return 1 if self.gating_findings(fail_on) else 0
 
     @property
@@ -54,13 +58,13 @@ class Diagnosis:
         present = [c for c in self.stats["per_class"] if c["support"] > 0]
         return min(present, key=lambda c: (c["recall"], -c["support"])) if present else None
 
-    def to_dict(self, fail_on: str = "fail") -> dict:
+    def to_dict(self, fail_on: str | None = None) -> dict:
         worst = self.worst_class()
         return {
             "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict(fail_on),
             "exit_code": self.exit_code(fail_on),
-            "fail_on": fail_on,
+            "fail_on": self._fail_on(fail_on),
             "collapsed_classes": self.collapsed_classes,
             "root_cause": self.root_cause,
             "worst_class": None if worst is None else {k: worst[k] for k in ("class", "recall", "support")},
@@ -69,7 +73,7 @@ class Diagnosis:
             "stats": {k: v for k, v in self.stats.items() if not k.startswith("_")},
         }
 
-    def to_json(self, fail_on: str = "fail") -> str:
+    def to_json(self, fail_on: str | None = None) -> str:
         return json.dumps(_finite(self.to_dict(fail_on)), indent=2, default=_jsonable, allow_nan=False)
 
     def _repr_html_(self) -> str:

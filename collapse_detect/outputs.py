@@ -45,6 +45,26 @@ def _remove_stale(path: Path) -> None:
         pass
 
 
+def check_inputs_outside(out_dir, inputs: dict) -> None:
+    """Refuse a report folder where a report file this tool writes (or removes as stale) would be one of the
+    run's own input files, e.g. ``--predictions out/predictions.csv --out out``."""
+    try:
+        out = Path(out_dir).resolve()
+    except OSError:
+        return
+    for flag, path in inputs.items():
+        if not path:
+            continue
+        p = Path(path)
+        try:
+            inside = p.resolve().parent == out
+        except OSError:
+            continue
+        if inside and _is_report_file(p.name):
+            raise InputError(f"{flag} {str(path)!r} is in the report folder --out {str(out_dir)!r} under a name the "
+                             "report writes; pass another --out, or move the file")
+
+
 def check_writable(flag: str, path, *, folder: bool) -> None:
     """Before any work: ``path`` (a folder, or a file when ``folder`` is False) can be created or replaced.
     Raises InputError naming the flag."""

@@ -144,3 +144,49 @@ def test_diagnose_probes_batches_on_threads_to_the_same_numbers(tiny_trained):
     assert three["tokenization"] == one["tokenization"]
     assert (runs[1].metadata["threads"], runs[3].metadata["threads"]) == (1, 3)
     assert runs[3].metadata["threads_reason"] == "diagnose(threads=...)"
+
+
+def test_a_diagnosis_keeps_the_threshold_it_was_made_with(tiny_collapsed, tmp_path):
+    frame = tiny_collapsed["eval_df"]
+    d = collapse_detect.diagnose(tiny_collapsed["model"], tiny_collapsed["tokenizer"], frame.head(60),
+                                 fail_on="warn", check_params={"low_recall": {"floor": 0.99}}, skip="constant_output,"
+                                 "class_never_predicted,prediction_absorbed,no_better_than_majority,input_ignored,"
+                                 "representation_collapse,untrained_head,label_mapping_mismatch")
+    assert [f.check_id for f in d.gating_findings()] == ["low_recall"]  # a warning, gating under fail_on="warn"
+    saved = json.loads((d.save(tmp_path / "o") / "summary.json").read_text())
+    assert d.verdict() == saved["verdict"] == "COLLAPSE" and d.exit_code() == saved["exit_code"] == 1
+    assert d.to_dict()["fail_on"] == "warn" and d.verdict("fail") != "COLLAPSE"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"threads": 1.5}, "threads must be an integer >= 1 or None, got 1.5"),
+    ({"grad_layers": -1}, "grad_layers must be an integer >= 1 or None, got -1"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"max_length": "8"}, "max_length must be an integer >= 1 or None, got '8'"),
+])
+def test_diagnose_checks_its_numbers_like_the_flags(tiny_collapsed, kwargs, message):
+    with pytest.raises(InputError) as err:
+        collapse_detect.diagnose(tiny_collapsed["model"], tiny_collapsed["tokenizer"], ["a"], ["sports"], **kwargs)
+    assert str(err.value) == message
+
+
+def test_diagnose_takes_what_a_notebook_has(tiny_collapsed, tmp_path, monkeypatch):
+    import torch
+
+    model, tok = tiny_collapsed["model"], tiny_collapsed["tokenizer"]
+    frame = tiny_collapsed["eval_df"].head(40)
+    ids = torch.tensor([["sports", "politics", "business"].index(x) for x in frame["label"]])
+    model.eval()
+    model.bert.encoder.layer[0].train()  # part of the model in training mode
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"not this run's")  # the working folder's, not the model's
+    state = {"log_history": [{"step": s, "loss": 1.0, "learning_rate": 3e-2} for s in (10, 20)]}
+    d = collapse_detect.diagnose(model, tok, frame["text"].tolist(), ids, label_names="sports,politics,business",
+                                 trainer_state=state)
+    assert d.stats["n"] == 40 and d.stats["class_names"] == ["sports", "politics", "business"]
+    assert model.bert.encoder.layer[0].training and not model.bert.encoder.layer[1].training and not model.training
+    assert "training_args" not in d.stats["evidence"]
+    assert d.stats["evidence"]["training_record"]["max_learning_rate"] == 3e-2
+    with pytest.raises(InputError, match="model must be a loaded transformers model, got str"):
+        collapse_detect.diagnose("models/x", tok, ["a"], ["sports"])

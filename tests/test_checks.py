@@ -201,6 +201,8 @@ def test_truncation_is_its_own_warning_and_never_gates():
     assert d.verdict("warn") == "WARNINGS" and d.exit_code("warn") == 0  # a warning, even with --fail-on warn
     s["tokenization"].update(max_length=128, truncation_rate=0.1)
     assert REGISTRY["long_inputs_truncated"].func(s) == []
+    zero = {**s, "tokenization": {**s["tokenization"], "truncated_rows": 0, "truncation_rate": 0.0}}
+    assert REGISTRY["long_inputs_truncated"].func(zero, warn_truncated=0.0) == []  # nothing cut, nothing to say
     [f] = REGISTRY["long_inputs_truncated"].func(s, warn_truncated=0.1)
     assert f.fix.steps[0] == "--max-length can raise the cut up to the model's 512 tokens."
 

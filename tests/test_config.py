@@ -268,3 +268,9 @@ def test_thresholds_from_the_file_and_set_decide_the_findings(project, borderlin
     code, summary = _run(project, ["--only", "low_recall,class_never_predicted", "--fail-on", "fail"])
     assert code == 0 and summary["metadata"]["checks_run"] == ["class_never_predicted", "low_recall"]
     assert [f["check_id"] for f in summary["findings"]] == ["low_recall"]
+    _pyproject(project, """
+        [tool.collapse-detect]
+        skip = []
+    """)
+    code, summary = _run(project, [])  # an empty list skips nothing
+    assert code == 0 and "low_recall" in summary["metadata"]["checks_run"]

@@ -305,3 +305,62 @@ def test_names_plots_cannot_draw_or_parse_still_make_a_report(capsys, tmp_path):
     table = terminal.splitlines()[2:6]
     assert table[0].lstrip().startswith("class") and "esc\\x1b[31mred" in terminal
     assert len({len(line) for line in table}) == 1  # every row as wide as the header
+
+
+# ------------------------------------------------------------------ a gate that cannot look, inputs, stdout
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "headlines_eval.csv"
+COLLAPSED = ROOT / "samples" / "models" / "collapsed"
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--only", "low_recall", "--skip", "low_recall"], "(running: none)"),
+    (["--only", "training_record,long_inputs_truncated"], "(running: long_inputs_truncated, training_record)"),
+])
+def test_a_selection_without_a_collapse_check_is_refused(capsys, tmp_path, flags, expect):
+    err = _fails_cleanly(capsys, [str(COLLAPSED), str(SAMPLE), "--out", str(tmp_path / "o"), *flags],
+                         "--only/--skip leave no check that can fail the gate", nothing_at=tmp_path / "o")
+    assert expect in err
+
+
+def test_predictions_mode_refuses_checks_it_cannot_run_as_the_only_ones(capsys, tmp_path):
+    preds = _nasty_predictions(tmp_path)
+    err = _fails_cleanly(capsys, ["--predictions", str(preds), "--out", str(tmp_path / "o"), "--only", "input_ignored"],
+                         "(running: none; input_ignored cannot run here (needs the model))")
+    assert "a gate that cannot look must not pass" in err
+
+
+def test_an_input_file_in_the_report_folder_is_never_replaced_or_removed(capsys, tmp_path):
+    out = tmp_path / "rep"
+    assert main([str(COLLAPSED), str(SAMPLE), "--out", str(out), "--quiet"]) == 1
+    before = (out / "predictions.csv").read_bytes()
+    _fails_cleanly(capsys, ["--predictions", str(out / "predictions.csv"), "--out", str(out)],
+                   f"--predictions {str(out / 'predictions.csv')!r} is in the report folder --out")
+    assert (out / "predictions.csv").read_bytes() == before
+    data = out / "predictions.csv"  # an eval file the report would overwrite
+    _fails_cleanly(capsys, [str(COLLAPSED), str(data), "--out", str(out)],
+                   f"DATA {str(data)!r} is in the report folder --out")
+    assert (out / "predictions.csv").read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_does_not_change_the_verdict(tmp_path):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "collapse_detect", str(ROOT / "samples" / "models" / "healthy"),
+                               str(SAMPLE), "--out", str(tmp_path / "o"), "--format", "json"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "warning: could not print the summary" in proc.stderr
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["verdict"] in ("HEALTHY", "WARNINGS")
+
+
+def test_version_and_predictions_mode_formats(capsys, tmp_path):
+    from collapse_detect import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"collapse-detect {__version__}"
+    _fails_cleanly(capsys, ["--predictions", str(_nasty_predictions(tmp_path)), "--out", str(tmp_path / "o"),
+                            "--format", "csv"], "--format csv writes predictions.csv, which a --predictions run reads")

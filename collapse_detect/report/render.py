@@ -93,6 +93,8 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
         lines += [f"  - against: {_md_escape(e)}" for e in rc.get("evidence_against", [])]
     if meta.get("fixed_checkpoint"):
         lines.append(f"- {_md_escape(fixed_checkpoint_line(meta['fixed_checkpoint']))}")
+    if precision_line(meta):
+        lines.append(f"- {_md_escape(precision_line(meta))}")
     lines += ["", "## Findings", ""]
     if not diagnosis.findings:
         lines.append("No findings.")
@@ -159,6 +161,18 @@ def render_compact_html(diagnosis: Diagnosis) -> str:
                                                        findings=diagnosis.findings, icon=SEVERITY_ICON)
 
 
+def precision_line(meta: dict) -> str | None:
+    """The probe's reduced precision and its measured drift against fp32, or None for an fp32 run."""
+    dtype, drift = meta.get("dtype"), meta.get("dtype_drift")
+    if not dtype or dtype == "fp32":
+        return None
+    if not drift:
+        return f"Probed in {dtype} (no fp32 rows to measure the drift)."
+    return (f"Probed in {dtype}: on {drift['rows']} seeded rows probed in fp32 too, probabilities differ by at most "
+            f"{drift['max_abs_prob_diff']:.2g} and the predicted class agrees on "
+            f"{100 * drift['prediction_agreement']:.1f}%.")
+
+
 def fixed_checkpoint_line(fixed: dict) -> str:
     """What --write-fixed wrote and what its re-probe found."""
     return (f"Fixed checkpoint ({fixed['method'].replace('_', ' ')}): {fixed['path']}: {fixed['verdict']}, "
@@ -175,6 +189,8 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     if d["collapsed_classes"]:
         out.append("collapsed class(es): " + listed(d["collapsed_classes"], ", "))
     rc = diagnosis.root_cause
+    if precision_line(diagnosis.metadata):
+        out.append(precision_line(diagnosis.metadata))
     if rc:
         best = (f"; best scored: {rc['candidates'][0]['label']} ({rc['candidates'][0]['score']:.2f})"
                 if rc["cause"] == "uncertain" and rc.get("candidates") else "")
