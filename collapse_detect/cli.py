@@ -164,6 +164,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     args.config_file = str(config.path) if config.path else None
+    # the values the file set (an explicit flag replaced the rest), so a message can name where a value came from
+    args.from_config = {dest for dest, value in config.defaults.items() if getattr(args, dest, None) == value}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -209,19 +211,25 @@ def _run(args) -> int:
         return distributed.follow(dist, model_dir, args.data, options, keep_predictions="csv" in args.format)
     distributed.expect_followers(dist)  # so that an error below still stops them (see notify_failure)
     # every output path is checked before any work, so a mistake costs no probe and leaves nothing behind
+    def named(dest: str, flag: str) -> str:
+        """A flag as the user set it: on the command line, or as a key of the config file."""
+        if dest in getattr(args, "from_config", ()) and args.config_file:
+            return f"{flag[2:]} (in {args.config_file}; relative paths start from the working directory)"
+        return flag
+
     require_a_gate(args.only, args.skip)
-    check_writable("--out", out_dir, folder=True)
+    check_writable(named("out", "--out"), out_dir, folder=True)
     check_inputs_outside(out_dir, {"--predictions": args.predictions, "DATA": args.data,
                                    "--train-file": args.train_file})
     if args.junit:
-        check_writable("--junit", args.junit, folder=False)
+        check_writable(named("junit", "--junit"), args.junit, folder=False)
     if args.write_fixed:
         check_writable("--write-fixed", args.write_fixed, folder=True)
         if Path(args.write_fixed).is_dir() and any(Path(args.write_fixed).iterdir()):
             raise InputError(f"--write-fixed {args.write_fixed!r} exists and is not an empty folder; pass a new "
                              "folder")
     if args.train_file and not Path(args.train_file).is_file():
-        raise InputError(f"--train-file {args.train_file!r} does not exist")
+        raise InputError(f"{named('train_file', '--train-file')} {args.train_file!r} does not exist")
     if args.predictions is not None and args.write_fixed:
         raise InputError("--write-fixed needs a model; it cannot be used with --predictions")
     if args.predictions is not None and set(args.format) <= {"csv"}:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -274,3 +275,17 @@ def test_thresholds_from_the_file_and_set_decide_the_findings(project, borderlin
     """)
     code, summary = _run(project, [])  # an empty list skips nothing
     assert code == 0 and "low_recall" in summary["metadata"]["checks_run"]
+
+
+def test_a_path_from_the_file_is_named_as_the_files_key(project, capsys):
+    path = _pyproject(project, """
+        [tool.collapse-detect]
+        train-file = "data/train.csv"
+    """)
+    model = Path(__file__).resolve().parents[1] / "samples" / "models" / "healthy"
+    data = Path(__file__).resolve().parents[1] / "samples" / "headlines_eval.csv"
+    assert main([str(model), str(data), "--out", str(project / "o")]) == 2
+    assert capsys.readouterr().err == (f"Error: train-file (in {path}; relative paths start from the working "
+                                       "directory) 'data/train.csv' does not exist\n")
+    assert main([str(model), str(data), "--out", str(project / "o"), "--train-file", "x.csv"]) == 2
+    assert capsys.readouterr().err == "Error: --train-file 'x.csv' does not exist\n"
