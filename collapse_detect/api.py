@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from .checks import checks_selected, run_checks
 from .diagnosis import Diagnosis
 from .errors import InputError
-from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
+from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, SEED_MAX
 from .stats import compute_stats
 
 
@@ -37,6 +37,8 @@ class RunOptions:
     write_fixed: str | None = None
     threads: int | None = None      # None: chosen by runtime.choose_threads
     dtype: str = "fp32"             # or "bf16"
+    fail_on: str = "fail"           # the gate's threshold: which checks can fail it
+    selection: str = "only/skip"    # where only/skip came from, for messages (a flag, a config file)
 
 
 def _train_counts(options: RunOptions, class_names: list[str]) -> list[int] | None:
@@ -81,25 +83,30 @@ def require_two_classes(stats: dict, source) -> None:
                      "classes")
 
 
-def require_a_gate(only, skip, not_run: dict | None = None) -> None:
-    """Refuse a selection of checks in which none can fail the gate (``--only``/``--skip``, and in predictions
-    mode the checks the file cannot feed): such a run would pass whatever the model does."""
-    from .checks import REGISTRY, checks_selected
+def require_a_gate(only, skip, fail_on: str = "fail", not_run: dict | None = None,
+                   selection: str = "only/skip") -> None:
+    """Refuse a selection of checks in which none can fail the gate at ``fail_on`` (a collapse check whose
+    strongest finding reaches it; with predictions, only the checks the file can feed): such a run would pass
+    whatever the model does."""
+    from .checks import REGISTRY, Severity, checks_selected
 
+    threshold = Severity(fail_on).rank
     ran = checks_selected(only, skip)
-    if any(REGISTRY[c].collapse for c in ran):
+    if any(REGISTRY[c].collapse and max(Severity(x).rank for x in REGISTRY[c].severity.split("/")) >= threshold
+           for c in ran):
         return
     cannot = [c for c in (only or []) if c in (not_run or {})]
     why = f"; {', '.join(cannot)} cannot run here ({not_run[cannot[0]]})" if cannot else ""
-    raise InputError(f"--only/--skip leave no check that can fail the gate (running: {', '.join(ran) or 'none'}"
-                     f"{why}); a gate that cannot look must not pass: select at least one collapse check")
+    raise InputError(f"{selection} leave no check that can fail the gate at --fail-on {fail_on} (running: "
+                     f"{', '.join(ran) or 'none'}{why}); a gate that cannot look must not pass: select at least one "
+                     "collapse check that can report at that level")
 
 
 def judge(stats: dict, metadata: dict, options: RunOptions) -> Diagnosis:
     """Run the checks on computed statistics (re-judging a saved run needs nothing more)."""
     from .rootcause import infer_root_cause
 
-    require_a_gate(options.only, options.skip, metadata.get("not_run"))
+    require_a_gate(options.only, options.skip, options.fail_on, metadata.get("not_run"), options.selection)
     findings = run_checks(stats, only=options.only, skip=options.skip, params=options.check_params)
     metadata["checks_run"] = checks_selected(options.only, options.skip)
     diagnosis = Diagnosis(findings, stats, metadata)
@@ -201,14 +208,12 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
                                  f"at {run.max_length} tokens (its position embeddings or its tokenizer's limit).")
     if run.drift is not None:
         from .probe import drift_summary
+        from .report.render import drift_sentence
 
         drift = drift_summary(run.drift, len(outcome.class_names))
         metadata["dtype_drift"] = drift
         if drift:
-            metadata["notes"].append(
-                f"{run.dtype}: on {drift['rows']} seeded rows probed in fp32 too, probabilities differ by at most "
-                f"{drift['max_abs_prob_diff']:.2g} (mean {drift['mean_abs_prob_diff']:.2g}) and the predicted "
-                f"class agrees on {100 * drift['prediction_agreement']:.1f}% of them")
+            metadata["notes"].append(drift_sentence(run.dtype, drift))
     stats["evidence"] = gather_evidence(outcome, stats, options)
     train_counts = stats["model"].get("train_counts")
     stats["posthoc"] = _posthoc(run.accumulator, options, train_counts)
@@ -323,9 +328,8 @@ def _trainer_state(value) -> tuple[dict | None, Path | None]:
             raise InputError(f"trainer_state {str(path)!r} cannot be read as JSON: {exc}") from None
     if isinstance(value, dict):
         return value, None
-    if hasattr(value, "log_history"):
-        return {"log_history": list(value.log_history), "global_step": getattr(value, "global_step", None),
-                "max_steps": getattr(value, "max_steps", None)}, None
+    if is_dataclass(value) and hasattr(value, "log_history"):  # transformers' TrainerState
+        return asdict(value), None
     raise InputError(f"trainer_state must be a path, a dict or a TrainerState, got {type(value).__name__}")
 
 
@@ -366,7 +370,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     from .checkpoint import GENERIC_LABEL, LoadedCheckpoint, ResolvedCheckpoint
     from .config import check_param, parse_check_list
-    from .data import Chunk, Columns, LabelMapper, check_label_names, column_texts, detect_columns
+    from .data import Chunk, Columns, LabelMapper, check_label_names, column_texts, detect_columns, split_names
     from .errors import ConfigError
     from .probe import run_probe
     from .runtime import choose_threads
@@ -376,15 +380,15 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
     _check_api_numbers(batch_size=(batch_size, 1, False), max_length=(max_length, 1, True),
                        max_tokens_per_batch=(max_tokens_per_batch, 1, True), grad_sample=(grad_sample, 0, False),
                        grad_layers=(grad_layers, 1, True), threads=(threads, 1, True), seed=(seed, 0, False))
-    if not 0 <= seed < 2 ** 32:
-        raise InputError(f"seed must be in 0..{2 ** 32 - 1}, got {seed}")
+    if seed > SEED_MAX:
+        raise InputError(f"seed must be in 0..{SEED_MAX}, got {seed}")
     if not hasattr(model, "config") or not callable(model):
         raise InputError(f"model must be a loaded transformers model, got {type(model).__name__} (for a folder, "
                          "run the collapse-detect command or load it with from_pretrained)")
     if tokenizer is None or not callable(tokenizer):
         raise InputError(f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__}")
     if isinstance(label_names, str):  # "a,b,c", as the command line takes it
-        label_names = [x.strip() for x in label_names.split(",")]
+        label_names = split_names(label_names)
     if labels is not None and hasattr(labels, "tolist") and not isinstance(labels, pd.Series):
         labels = labels.tolist()  # a torch tensor or numpy array of ids
     source = "DataFrame" if isinstance(texts, pd.DataFrame) else "texts"
@@ -437,6 +441,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
         except Exception as exc:  # argparse's type error, here for a keyword argument
             raise ConfigError(f"{name}: {exc}") from None
 
+    require_a_gate(selected.get("only"), selected.get("skip"), fail_on)  # before any probing
     options = RunOptions(text_col=columns.text, text_pair_col=columns.text_pair, label_col=columns.label,
                          label_names=label_names, batch_size=batch_size, max_length=max_length,
                          max_tokens_per_batch=max_tokens_per_batch, grad_sample=grad_sample,

@@ -278,7 +278,7 @@ def posthoc_repairs(post: dict | None, min_gain: float) -> bool:
 
 
 @register("threshold_collapse", requires="scores",
-          title="Scores still rank the classes: only the decision threshold collapsed",
+          title="Only the decision threshold collapsed: a post-hoc shift repairs it",
           measures="macro ROC-AUC and the cross-validated gain of a post-hoc logit adjustment", severity="info",
           collapse=False)
 def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05, min_measured_gain: float = 0.2):
@@ -300,7 +300,7 @@ def threshold_collapse(stats, *, min_auc: float = 0.8, min_gain: float = 0.05, m
                               for i, c in enumerate(post["labels"]))
     return [Finding(
         "threshold_collapse", Severity.INFO,
-        (f"The scores still rank the classes (macro ROC-AUC {auc:.3f}); " if ranked else
+        (f"The scores still rank the classes (macro ROC-AUC {auc:.3f}); " if auc is not None and auc >= min_auc else
          f"Each class's score alone ranks poorly (macro ROC-AUC {'n/a' if auc is None else f'{auc:.3f}'}), yet ")
         + f"{post['best'].replace('_', ' ')} "
         f"raises held-out balanced accuracy from {before['balanced_accuracy']:.3f} to "

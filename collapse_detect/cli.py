@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import CollapseDetectError, InputError
 from .outputs import FORMATS
-from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
+from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, SEED_MAX
 
 EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE = 0, 1, 2
 
@@ -17,9 +17,6 @@ EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE = 0, 1, 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other user mistake
         self.exit(EXIT_USAGE, f"Error: {message} (see collapse-detect --help)\n")
-
-
-SEED_MAX = 2**32 - 1  # numpy's seeds
 
 
 def _int_at_least(flag, minimum: int, expected: str, maximum: int | None = None):
@@ -184,6 +181,7 @@ def _main(argv: list[str] | None) -> int:
 def _run(args) -> int:
     from .api import RunOptions, diagnosis_from_outcome, probe_files, require_a_gate, write_fixed
     from . import distributed
+    from .data import split_names
     from .outputs import OutputWriter, check_inputs_outside, check_writable
     from .report.render import render_terminal
     from .report.write import append_step_summary, write_junit, write_report_files
@@ -191,7 +189,7 @@ def _run(args) -> int:
     model_dir = Path(args.model_dir) if args.model_dir is not None else None
     default_name = model_dir.resolve().name if model_dir is not None else Path(args.predictions).stem
     out_dir = Path(args.out) if args.out else Path("reports") / (default_name or "model")
-    label_names = [x.strip() for x in args.label_names.split(",")] if args.label_names is not None else None
+    label_names = split_names(args.label_names) if args.label_names is not None else None
     options = RunOptions(
         text_col=args.text_col, text_pair_col=args.text_pair_col, label_col=args.label_col, label_names=label_names,
         batch_size=args.batch_size, max_length=args.max_length, max_tokens_per_batch=args.max_tokens_per_batch,
@@ -199,7 +197,9 @@ def _run(args) -> int:
         allow_pickle=args.allow_pickle, progress=(not args.quiet) and sys.stderr.isatty(),
         train_file=args.train_file, write_fixed=args.write_fixed,
         check_params=args.check_params, only=args.only, skip=args.skip,
-        threads=args.threads, dtype=args.dtype,
+        threads=args.threads, dtype=args.dtype, fail_on=args.fail_on,
+        selection=(f"only/skip in {args.config_file}" if {"only", "skip"} & getattr(args, "from_config", set())
+                   and args.config_file else "--only/--skip"),
     )
     # under torchrun: ranks > 0 probe their shard and hand it to rank 0, which alone checks and writes outputs
     dist = distributed.from_env()
@@ -217,7 +217,7 @@ def _run(args) -> int:
             return f"{flag[2:]} (in {args.config_file}; relative paths start from the working directory)"
         return flag
 
-    require_a_gate(args.only, args.skip)
+    require_a_gate(args.only, args.skip, args.fail_on, selection=options.selection)
     check_writable(named("out", "--out"), out_dir, folder=True)
     check_inputs_outside(out_dir, {"--predictions": args.predictions, "DATA": args.data,
                                    "--train-file": args.train_file})

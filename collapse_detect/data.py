@@ -183,6 +183,11 @@ def detect_columns(frame: pd.DataFrame, path, *, text_col=None, text_pair_col=No
     return Columns(text=text, label=label, text_pair=pair)
 
 
+def split_names(text: str) -> list[str]:
+    """``--label-names sports,politics,business`` (and the same string given to diagnose()) as a list."""
+    return [x.strip() for x in str(text).split(",")]
+
+
 def check_label_names(names, flag: str = "--label-names", classes: int | None = None) -> list[str]:
     """The class names given for the model's ids, stripped; refuses an empty or a repeated name, and a count
     other than the model's ``classes``."""

@@ -23,14 +23,14 @@ class Diagnosis:
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
 
-    def _fail_on(self, fail_on: str | None) -> str:
+    def effective_fail_on(self, fail_on: str | None = None) -> str:
         """The threshold asked for, else the run's own (``diagnose(fail_on=...)``, ``--fail-on``), else fail."""
         return fail_on or (self.metadata or {}).get("fail_on") or "fail"
 
     def gating_findings(self, fail_on: str | None = None) -> list[Finding]:
         """Findings of collapse checks at or over ``fail_on``; a crashed check gates too, since a gate that
         could not look must not pass."""
-        threshold = Severity(self._fail_on(fail_on)).rank
+        threshold = Severity(self.effective_fail_on(fail_on)).rank
         return [f for f in self.findings
                 if f.severity is Severity.ERROR
                 or (f.severity.rank >= threshold and REGISTRY.get(f.check_id) is not None
@@ -64,7 +64,7 @@ class Diagnosis:
             "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict(fail_on),
             "exit_code": self.exit_code(fail_on),
-            "fail_on": self._fail_on(fail_on),
+            "fail_on": self.effective_fail_on(fail_on),
             "collapsed_classes": self.collapsed_classes,
             "root_cause": self.root_cause,
             "worst_class": None if worst is None else {k: worst[k] for k in ("class", "recall", "support")},
@@ -86,7 +86,7 @@ class Diagnosis:
         Python-API run, predictions.csv) into ``out_dir``; returns the folder."""
         from .report.write import save_report
 
-        return save_report(self, out_dir, formats, fail_on or self.metadata.get("fail_on", "fail"))
+        return save_report(self, out_dir, formats, self.effective_fail_on(fail_on))
 
 
 def _jsonable(value):

@@ -47,20 +47,20 @@ def _remove_stale(path: Path) -> None:
 
 def check_inputs_outside(out_dir, inputs: dict) -> None:
     """Refuse a report folder where a report file this tool writes (or removes as stale) would be one of the
-    run's own input files, e.g. ``--predictions out/predictions.csv --out out``."""
+    run's own input files, e.g. ``--predictions out/predictions.csv --out out``: by the path as given and by
+    the file it leads to through symlinks, either of which the report would replace or remove."""
     try:
-        out = Path(out_dir).resolve()
+        outs = {Path(os.path.abspath(out_dir)), Path(out_dir).resolve()}
     except OSError:
         return
     for flag, path in inputs.items():
         if not path:
             continue
-        p = Path(path)
         try:
-            inside = p.resolve().parent == out
+            given, real = Path(os.path.abspath(path)), Path(path).resolve()
         except OSError:
             continue
-        if inside and _is_report_file(p.name):
+        if any(p.parent in outs and _is_report_file(p.name) for p in (given, real)):
             raise InputError(f"{flag} {str(path)!r} is in the report folder --out {str(out_dir)!r} under a name the "
                              "report writes; pass another --out, or move the file")
 

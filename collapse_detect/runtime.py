@@ -33,6 +33,7 @@ DTYPES = ("fp32", "bf16")
 # run near the machine's peak, while long rows keep the activations small.
 DEFAULT_BATCH_ROWS = 64
 DEFAULT_BATCH_TOKENS = 1536
+SEED_MAX = 2**32 - 1  # numpy's seeds: --seed and diagnose(seed=)
 
 
 def prepare_process_env() -> None:

@@ -156,6 +156,21 @@ def test_a_diagnosis_keeps_the_threshold_it_was_made_with(tiny_collapsed, tmp_pa
     saved = json.loads((d.save(tmp_path / "o") / "summary.json").read_text())
     assert d.verdict() == saved["verdict"] == "COLLAPSE" and d.exit_code() == saved["exit_code"] == 1
     assert d.to_dict()["fail_on"] == "warn" and d.verdict("fail") != "COLLAPSE"
+    from collapse_detect.report.junit import render_junit
+    from collapse_detect.report.render import render_markdown
+
+    assert render_markdown(d).startswith("# collapse-detect: COLLAPSE")
+    assert 'name="fail_on" value="warn"' in render_junit(d)
+
+
+def test_diagnose_refuses_a_selection_that_cannot_gate_before_probing(tiny_collapsed, monkeypatch):
+    import collapse_detect.probe as probe
+
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: pytest.fail("the probe ran"))
+    with pytest.raises(InputError, match=r"^only/skip leave no check that can fail the gate at --fail-on fail "
+                                         r"\(running: low_recall\)"):
+        collapse_detect.diagnose(tiny_collapsed["model"], tiny_collapsed["tokenizer"], ["a"], ["sports"],
+                                 only="low_recall")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -181,12 +196,17 @@ def test_diagnose_takes_what_a_notebook_has(tiny_collapsed, tmp_path, monkeypatc
     model.bert.encoder.layer[0].train()  # part of the model in training mode
     monkeypatch.chdir(tmp_path)
     (tmp_path / "training_args.bin").write_bytes(b"not this run's")  # the working folder's, not the model's
-    state = {"log_history": [{"step": s, "loss": 1.0, "learning_rate": 3e-2} for s in (10, 20)]}
+    from transformers import TrainerState
+
+    state = TrainerState(global_step=20, max_steps=40, num_train_epochs=2, best_model_checkpoint="out/checkpoint-20",
+                         log_history=[{"step": s, "loss": 1.0, "learning_rate": 3e-2} for s in (10, 20)])
     d = collapse_detect.diagnose(model, tok, frame["text"].tolist(), ids, label_names="sports,politics,business",
                                  trainer_state=state)
     assert d.stats["n"] == 40 and d.stats["class_names"] == ["sports", "politics", "business"]
     assert model.bert.encoder.layer[0].training and not model.bert.encoder.layer[1].training and not model.training
     assert "training_args" not in d.stats["evidence"]
-    assert d.stats["evidence"]["training_record"]["max_learning_rate"] == 3e-2
+    record = d.stats["evidence"]["training_record"]
+    assert record["max_learning_rate"] == 3e-2 and record["best_model_checkpoint"] == "out/checkpoint-20"
+    assert record["num_train_epochs"] == 2 and record["stopped_early"] is True
     with pytest.raises(InputError, match="model must be a loaded transformers model, got str"):
         collapse_detect.diagnose("models/x", tok, ["a"], ["sports"])

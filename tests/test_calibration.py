@@ -122,7 +122,8 @@ def test_reliability_diagram_and_the_report_sections():
     png = reliability_diagram(stats)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     assert "reliability.png" in all_plots(stats)
-    diagnosis = judge(stats, {"model_dir": "m", "data_file": "d"}, RunOptions(only=["low_recall"]))
+    diagnosis = judge(stats, {"model_dir": "m", "data_file": "d"},
+                      RunOptions(only=["low_recall", "class_never_predicted"]))
     html = render_html(diagnosis, {})
     c = stats["calibration"]
     assert '<section id="calibration">' in html

@@ -263,6 +263,10 @@ def test_a_large_measured_post_hoc_gain_counts_whatever_the_auc():
                "to 0.90" in e for e in cause["evidence_for"])
     assert not any("ranking is damaged" in e for e in cause["evidence_against"])
     # a gain the interval does not separate from the start, or under min_measured_gain, is not enough
+    s["macro_roc_auc"] = 0.92  # a good AUC, though the gain is read under the measured-gain rule: said as good
+    [f] = REGISTRY["threshold_collapse"].func(s, min_gain=0.7)
+    assert f.summary.startswith("The scores still rank the classes (macro ROC-AUC 0.920); bias tuning raises")
+    s["macro_roc_auc"] = 0.72
     s["posthoc"] = _posthoc(0.33, 0.60, [0.30, 0.80])
     assert REGISTRY["threshold_collapse"].func(s) == []
     s["posthoc"] = _posthoc(0.33, 0.50, [0.45, 0.55])

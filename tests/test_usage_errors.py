@@ -317,11 +317,31 @@ COLLAPSED = ROOT / "samples" / "models" / "collapsed"
 @pytest.mark.parametrize("flags, expect", [
     (["--only", "low_recall", "--skip", "low_recall"], "(running: none)"),
     (["--only", "training_record,long_inputs_truncated"], "(running: long_inputs_truncated, training_record)"),
+    (["--only", "low_recall"], "at --fail-on fail (running: low_recall)"),  # it only ever warns
 ])
 def test_a_selection_without_a_collapse_check_is_refused(capsys, tmp_path, flags, expect):
     err = _fails_cleanly(capsys, [str(COLLAPSED), str(SAMPLE), "--out", str(tmp_path / "o"), *flags],
                          "--only/--skip leave no check that can fail the gate", nothing_at=tmp_path / "o")
     assert expect in err
+
+
+def test_a_warning_check_gates_under_fail_on_warn(capsys, tmp_path):
+    assert main([str(COLLAPSED), str(SAMPLE), "--out", str(tmp_path / "o"), "--only", "low_recall", "--fail-on",
+                 "warn", "--quiet"]) == 1
+
+
+def test_symlinks_do_not_smuggle_an_input_into_the_report_folder(capsys, tmp_path):
+    out = tmp_path / "rep"
+    assert main([str(COLLAPSED), str(SAMPLE), "--out", str(out), "--quiet"]) == 1
+    link = tmp_path / "eval.csv"  # a link outside the folder to the file the report writes
+    link.symlink_to(out / "predictions.csv")
+    _fails_cleanly(capsys, [str(COLLAPSED), str(link), "--out", str(out)], "is in the report folder --out")
+    (tmp_path / "preds.csv").write_bytes((out / "predictions.csv").read_bytes())
+    (out / "predictions.csv").unlink()
+    (out / "predictions.csv").symlink_to(tmp_path / "preds.csv")  # a link inside it to a file elsewhere
+    _fails_cleanly(capsys, ["--predictions", str(out / "predictions.csv"), "--out", str(out)],
+                   "is in the report folder --out")
+    assert (out / "predictions.csv").is_symlink() and (tmp_path / "preds.csv").exists()
 
 
 def test_predictions_mode_refuses_checks_it_cannot_run_as_the_only_ones(capsys, tmp_path):

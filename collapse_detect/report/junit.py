@@ -30,14 +30,14 @@ def checks_run(diagnosis) -> list[str]:
     return seen
 
 
-def render_junit(diagnosis, fail_on: str = "fail") -> str:
+def render_junit(diagnosis, fail_on: str | None = None) -> str:
     gating = {id(f) for f in diagnosis.gating_findings(fail_on)}
     ids = checks_run(diagnosis)
     meta = diagnosis.metadata
     subject = meta.get("model_name") or meta.get("predictions_file") or "model"
     suite = ET.Element("testsuite", name="collapse-detect", tests=str(len(ids)), time="0")
     props = ET.SubElement(suite, "properties")
-    for key, value in (("verdict", diagnosis.verdict(fail_on)), ("fail_on", fail_on),
+    for key, value in (("verdict", diagnosis.verdict(fail_on)), ("fail_on", diagnosis.effective_fail_on(fail_on)),
                        ("exit_code", diagnosis.exit_code(fail_on)), ("model", subject),
                        ("data", meta.get("data_file") or meta.get("predictions_file") or ""),
                        ("rows", diagnosis.stats.get("n", ""))):

@@ -22,7 +22,7 @@ _env.filters["num"] = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"
 SEVERITY_ICON = {"error": "ERROR", "fail": "FAIL", "warn": "WARN", "info": "INFO"}
 
 
-def render_json(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
+def render_json(diagnosis: Diagnosis, fail_on: str | None = None) -> str:
     return diagnosis.to_json(fail_on) + "\n"
 
 
@@ -61,7 +61,7 @@ def _md_code_block(code: str, lang: str = "python") -> list[str]:
     return [f"{fence}{lang}", code, fence]
 
 
-def render_markdown(diagnosis: Diagnosis, fail_on: str = "fail") -> str:
+def render_markdown(diagnosis: Diagnosis, fail_on: str | None = None) -> str:
     s = diagnosis.stats
     d = diagnosis.to_dict(fail_on)
     meta = diagnosis.metadata
@@ -145,7 +145,7 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def render_html(diagnosis: Diagnosis, plots: dict[str, bytes], fail_on: str = "fail") -> str:
+def render_html(diagnosis: Diagnosis, plots: dict[str, bytes], fail_on: str | None = None) -> str:
     d = diagnosis.to_dict(fail_on)
     fixes = ordered_fixes(diagnosis)
     template = _env.get_template("report.html.j2")
@@ -161,16 +161,19 @@ def render_compact_html(diagnosis: Diagnosis) -> str:
                                                        findings=diagnosis.findings, icon=SEVERITY_ICON)
 
 
-def precision_line(meta: dict) -> str | None:
-    """The probe's reduced precision and its measured drift against fp32, or None for an fp32 run."""
-    dtype, drift = meta.get("dtype"), meta.get("dtype_drift")
-    if not dtype or dtype == "fp32":
-        return None
+def drift_sentence(dtype: str, drift: dict | None) -> str:
+    """The reduced-precision run and its measured drift, as the report, the terminal and summary.md say it."""
     if not drift:
         return f"Probed in {dtype} (no fp32 rows to measure the drift)."
     return (f"Probed in {dtype}: on {drift['rows']} seeded rows probed in fp32 too, probabilities differ by at most "
-            f"{drift['max_abs_prob_diff']:.2g} and the predicted class agrees on "
-            f"{100 * drift['prediction_agreement']:.1f}%.")
+            f"{drift['max_abs_prob_diff']:.2g} (mean {drift['mean_abs_prob_diff']:.2g}) and the predicted class "
+            f"agrees on {100 * drift['prediction_agreement']:.1f}%.")
+
+
+def precision_line(meta: dict) -> str | None:
+    """The probe's reduced precision and its measured drift against fp32, or None for an fp32 run."""
+    dtype = meta.get("dtype")
+    return None if not dtype or dtype == "fp32" else drift_sentence(dtype, meta.get("dtype_drift"))
 
 
 def fixed_checkpoint_line(fixed: dict) -> str:
@@ -180,7 +183,7 @@ def fixed_checkpoint_line(fixed: dict) -> str:
             "eval rows the offsets were chosen on; confirm on held-out data.")
 
 
-def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str = "fail") -> str:
+def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str | None = None) -> str:
     """The short verdict the terminal shows."""
     d = diagnosis.to_dict(fail_on)
     s = diagnosis.stats

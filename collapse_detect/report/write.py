@@ -13,7 +13,7 @@ import numpy as np
 from ..outputs import FORMATS, OutputWriter
 
 
-def write_report_files(writer: OutputWriter, diagnosis, fail_on: str = "fail") -> None:
+def write_report_files(writer: OutputWriter, diagnosis, fail_on: str | None = None) -> None:
     """Render every format in ``writer.formats`` (except the streamed predictions.csv) into the writer."""
     from . import plots as plotting
     from .render import render_html, render_json, render_markdown
@@ -39,7 +39,7 @@ def _write_predictions_frame(writer: OutputWriter, frame, class_names: list[str]
     writer.write_predictions(frame["row_id"].to_numpy(), gold, probs, class_names)
 
 
-def save_report(diagnosis, out_dir, formats=None, fail_on: str = "fail") -> Path:
+def save_report(diagnosis, out_dir, formats=None, fail_on: str | None = None) -> Path:
     """Write the files ``collapse-detect MODEL DATA --out out_dir`` writes; all of them or none."""
     if isinstance(formats, str):
         formats = formats.split(",")
@@ -74,7 +74,7 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_junit(path, diagnosis, fail_on: str = "fail") -> Path:
+def write_junit(path, diagnosis, fail_on: str | None = None) -> Path:
     from .junit import render_junit
 
     path = Path(path)
@@ -82,7 +82,7 @@ def write_junit(path, diagnosis, fail_on: str = "fail") -> Path:
     return path
 
 
-def append_step_summary(diagnosis, fail_on: str = "fail", environ=None) -> Path | None:
+def append_step_summary(diagnosis, fail_on: str | None = None, environ=None) -> Path | None:
     """Append the Markdown summary to $GITHUB_STEP_SUMMARY when the runner sets it (GitHub Actions shows the file
     on the run's page). A summary that cannot be written is a warning: it must not change the gate's verdict."""
     from .render import render_markdown
