@@ -92,8 +92,7 @@ def require_a_gate(only, skip, fail_on: str = "fail", not_run: dict | None = Non
 
     threshold = Severity(fail_on).rank
     ran = checks_selected(only, skip)
-    if any(REGISTRY[c].collapse and max(Severity(x).rank for x in REGISTRY[c].severity.split("/")) >= threshold
-           for c in ran):
+    if any(REGISTRY[c].collapse and REGISTRY[c].strongest.rank >= threshold for c in ran):
         return
     cannot = [c for c in (only or []) if c in (not_run or {})]
     why = f"; {', '.join(cannot)} cannot run here ({not_run[cannot[0]]})" if cannot else ""
@@ -194,7 +193,8 @@ def _diagnosis_from_outcome(outcome: ProbeOutcome, model_dir, data_file, options
     }
     metadata = {
         "model_dir": str(model_dir), "model_name": Path(model_dir).resolve().name,
-        "checkpoint": str(loaded.resolved.path), "checkpoint_reason": loaded.resolved.reason,
+        "checkpoint": str(loaded.resolved.path) if loaded.resolved.path else None,
+        "checkpoint_reason": loaded.resolved.reason,
         "weights_file": loaded.weights_file, "architecture": type(loaded.model).__name__,
         "data_file": str(data_file), "train_file": str(options.train_file) if options.train_file else None,
         "columns": {"text": columns.text, "text_pair": columns.text_pair, "label": columns.label},
@@ -228,8 +228,8 @@ def gather_evidence(outcome: ProbeOutcome, stats: dict, options: RunOptions) -> 
     sample = acc.sample.arrays
     evidence: dict = {"label_permutation": analysis.label_permutation(stats["confusion"]),
                       "training_record": analysis.training_record(loaded.resolved.trainer_state)}
-    args_file = loaded.resolved.path / "training_args.bin"
-    if loaded.weights_file != IN_MEMORY and args_file.is_file():  # not the working folder's for a diagnose() model
+    args_file = loaded.resolved.path / "training_args.bin" if loaded.resolved.path else None
+    if args_file is not None and args_file.is_file():
         evidence["training_args"] = _training_args(args_file, options.allow_pickle)
     threads = outcome.run.runtime.get("threads", 1)  # as the probe ran (BatchRunner's workers)
     if "features" in sample:
@@ -308,9 +308,6 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
             "balanced_accuracy": again.stats["balanced_accuracy"], "macro_f1": again.stats["macro_f1"],
             "recall": {c["class"]: c["recall"] for c in again.stats["per_class"]},
             "note": "re-probed on the same eval rows the offsets were chosen on; confirm on held-out data"}
-
-
-IN_MEMORY = "(in memory)"  # the weights file of a model passed to diagnose()
 
 
 def _trainer_state(value) -> tuple[dict | None, Path | None]:
@@ -465,9 +462,9 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
 
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     state, state_path = _trainer_state(trainer_state)
-    resolved = ResolvedCheckpoint(Path("."), Path("."), "in-memory model passed to collapse_detect.diagnose()",
+    resolved = ResolvedCheckpoint(None, None, "in-memory model passed to collapse_detect.diagnose()",
                                   trainer_state=state, trainer_state_path=state_path)
-    loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file=IN_MEMORY)
+    loaded = LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file=None)
     modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
     try:  # the probe and the model evidence run in eval mode; a notebook's training loop gets its mode back
         probe_options = probe_options_for(options)
@@ -484,8 +481,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
         for module, training in modes:
             module.training = training
     diagnosis.metadata.update({
-        "mode": "python-api", "model_dir": name, "model_name": Path(name).name or name, "checkpoint": None,
-        "checkpoint_reason": resolved.reason, "weights_file": None, "fail_on": fail_on,
+        "mode": "python-api", "model_dir": name, "model_name": Path(name).name or name, "fail_on": fail_on,
         "check_params": params,
     })
     if kept:

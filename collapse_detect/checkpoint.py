@@ -25,10 +25,10 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class ResolvedCheckpoint:
-    """Where the weights are and why that folder was chosen."""
+    """Where the weights are and why that folder was chosen (no folder: a model passed to diagnose())."""
 
-    path: Path
-    requested: Path
+    path: Path | None
+    requested: Path | None
     reason: str
     trainer_state: dict | None = None
     trainer_state_path: Path | None = None
@@ -41,7 +41,7 @@ class LoadedCheckpoint:
     class_names: list[str]
     generic_label_names: bool
     resolved: ResolvedCheckpoint
-    weights_file: str
+    weights_file: str | None
     notes: list[str] = field(default_factory=list)
     # parameters the checkpoint did not contain and transformers initialised at random (an untrained head)
     missing_keys: list[str] = field(default_factory=list)

@@ -61,6 +61,16 @@ class CheckSpec:
         sig = inspect.signature(self.func)
         return {name: p.default for name, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
+    def settings(self, params: dict | None = None) -> dict:
+        """The check's thresholds as a run uses them: its defaults, overridden by ``params`` (check id -> values,
+        as ``--set`` and the config file give them)."""
+        return {**self.defaults, **(params or {}).get(self.check_id, {})}
+
+    @property
+    def strongest(self) -> Severity:
+        """The most severe finding the check can report ("warn/fail": fail)."""
+        return max((Severity(x) for x in self.severity.split("/")), key=lambda s: s.rank)
+
 
 REGISTRY: dict[str, CheckSpec] = {}
 
@@ -640,7 +650,7 @@ def run_checks(stats: dict, *, only=None, skip=None, params: dict | None = None)
     for check_id in checks_selected(only, skip):
         spec = REGISTRY[check_id]
         try:
-            findings.extend(spec.func(stats, **params.get(check_id, {})))
+            findings.extend(spec.func(stats, **spec.settings(params)))
         except Exception as exc:  # a broken check must not hide the others
             findings.append(Finding(check_id, Severity.ERROR, f"The check crashed: {type(exc).__name__}: {exc}",
                                     evidence={"traceback": traceback.format_exc(limit=3)}))

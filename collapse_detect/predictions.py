@@ -65,10 +65,9 @@ def _label_text(value) -> str:
     return str(number) if number is not None else str(value).strip()
 
 
-def _natural_classes(values: set) -> list[str]:
-    """Class names for labels-only files: integer ids in numeric order (0..max, so a never-seen id still counts
-    as a class), otherwise the names sorted."""
-    texts = {_label_text(v) for v in values}
+def _natural_classes(texts: set[str]) -> list[str]:
+    """Class names for labels-only files, from the labels as ``_label_text`` spells them: integer ids in numeric
+    order (0..max, so a never-seen id still counts as a class), otherwise the names sorted."""
     ids = [integer_label(t) for t in texts]
     if texts and all(i is not None for i in ids):
         ids = sorted(ids)

@@ -60,15 +60,13 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
               and (aniso or 0) > 0.999)
     representation_dead = (probe_ba is not None and probe_ba - chance < 0.1) or frozen
     # the constant_output check's own reading, with its thresholds as configured (None spread: labels only)
-    constant = output_is_constant(stats, **{**REGISTRY["constant_output"].defaults,
-                                            **(params or {}).get("constant_output", {})})
+    constant = output_is_constant(stats, **REGISTRY["constant_output"].settings(params))
 
     # label mapping: the confusion matrix is close to a permutation that is not the identity
     pro, con, s = [], [], 0.0
     gain = perm["mapped_balanced_accuracy"] - perm["identity_balanced_accuracy"] if perm else 0.0
     # the label_mapping_mismatch check's own threshold (--set label_mapping_mismatch.min_support=N included)
-    min_support = {**REGISTRY["label_mapping_mismatch"].defaults,
-                   **(params or {}).get("label_mapping_mismatch", {})}["min_support"]
+    min_support = REGISTRY["label_mapping_mismatch"].settings(params)["min_support"]
     moved_support = [stats["per_class"][int(g)]["support"] for p, g in (perm.get("mapping") or {}).items()
                      if int(p) != int(g)]
     if perm and not perm.get("is_identity", True) and gain > 0:
@@ -195,8 +193,7 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
             con.append(f"the absorbing class '{top}' is not the eval set's majority '{majority}'")
             s -= 0.2
     post = stats.get("posthoc")
-    repair = {**REGISTRY["threshold_collapse"].defaults,
-              **(params or {}).get("threshold_collapse", {})}["min_measured_gain"]
+    repair = REGISTRY["threshold_collapse"].settings(params)["min_measured_gain"]
     if auc is not None and auc >= 0.8 and not constant:
         pro.append(f"the scores still rank the classes (macro ROC-AUC {auc:.2f}): only the threshold collapsed")
         s += 0.35 if absorbing else 0.1
@@ -234,7 +231,7 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
 def _too_few_rows(stats: dict, params: dict | None) -> str | None:
     """Why the eval set is too small to tell the model from chance, or None: balanced accuracy is at least
     no_better_than_majority's ``min_gain`` above 1/k, yet not significantly (its own ``alpha``, as configured)."""
-    limits = {**REGISTRY["no_better_than_majority"].defaults, **(params or {}).get("no_better_than_majority", {})}
+    limits = REGISTRY["no_better_than_majority"].settings(params)
     test = stats.get("balanced_accuracy_test") or {}
     if test.get("gain") is None or test["gain"] < limits["min_gain"] or test["p_value"] < limits["alpha"]:
         return None

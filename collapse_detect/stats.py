@@ -358,15 +358,15 @@ def balanced_accuracy_test(recall: np.ndarray, support: np.ndarray) -> dict:
     return {"chance": chance, "gain": float(ba - chance), "se": se, "z": z, "p_value": float(sps.norm.sf(z))}
 
 
-def _roc_auc(acc) -> tuple[list[float | None], str]:
+def _roc_auc(acc, spread: float) -> tuple[list[float | None], str]:
     """One-vs-rest ROC-AUC per class: exact (sklearn, on every row's log-odds) while the seeded sample still
     holds every row, else from the log-odds histograms over every row. Histograms are close for spread-out
     scores but blur a model whose scores barely move (the case the AUC thresholds decide on): where no class's
-    log-odds spread reaches ten bins, the seeded sample's AUC is used at any row count."""
+    log-odds spread (``spread``, the largest standard deviation) reaches ten bins, the seeded sample's AUC is
+    used at any row count."""
     sample = acc.sample.arrays
     k = acc.k
-    narrow = acc.n and float(np.sqrt(acc.logodds_m2 / acc.n).max()) < 10 * LOGODDS_BIN
-    if sample and (len(sample["gold"]) == acc.n or narrow):
+    if sample and (len(sample["gold"]) == acc.n or spread < 10 * LOGODDS_BIN):
         scores, gold = log_odds(sample["logits"]), sample["gold"]
         auc = []
         for c in range(k):
@@ -470,7 +470,7 @@ def compute_stats(acc: Accumulator) -> dict:
     score_std = np.sqrt(acc.prob_m2 / n)
     logodds_std = np.sqrt(acc.logodds_m2 / n)
     mean_conf = np.divide(np.diag(acc.prob_sum_by_pred), predicted, out=np.full(k, np.nan), where=predicted > 0)
-    auc, auc_source = _roc_auc(acc)
+    auc, auc_source = _roc_auc(acc, float(logodds_std.max()))
     present_auc = [a for a in auc if a is not None]
     top = int(share.argmax())
     per_class = []

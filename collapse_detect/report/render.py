@@ -93,8 +93,9 @@ def render_markdown(diagnosis: Diagnosis, fail_on: str | None = None) -> str:
         lines += [f"  - against: {_md_escape(e)}" for e in rc.get("evidence_against", [])]
     if meta.get("fixed_checkpoint"):
         lines.append(f"- {_md_escape(fixed_checkpoint_line(meta['fixed_checkpoint']))}")
-    if precision_line(meta):
-        lines.append(f"- {_md_escape(precision_line(meta))}")
+    precision = precision_line(meta)
+    if precision:
+        lines.append(f"- {_md_escape(precision)}")
     lines += ["", "## Findings", ""]
     if not diagnosis.findings:
         lines.append("No findings.")
@@ -192,8 +193,9 @@ def render_terminal(diagnosis: Diagnosis, report_path: Path | None, fail_on: str
     if d["collapsed_classes"]:
         out.append("collapsed class(es): " + listed(d["collapsed_classes"], ", "))
     rc = diagnosis.root_cause
-    if precision_line(diagnosis.metadata):
-        out.append(precision_line(diagnosis.metadata))
+    precision = precision_line(diagnosis.metadata)
+    if precision:
+        out.append(precision)
     if rc:
         best = (f"; best scored: {rc['candidates'][0]['label']} ({rc['candidates'][0]['score']:.2f})"
                 if rc["cause"] == "uncertain" and rc.get("candidates") else "")

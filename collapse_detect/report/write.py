@@ -35,7 +35,7 @@ def _write_predictions_frame(writer: OutputWriter, frame, class_names: list[str]
     """predictions.csv from the rows a Python-API run kept, through the same writer the CLI streams into."""
     index = {name: i for i, name in enumerate(class_names)}
     gold = np.asarray([index[g] for g in frame["gold"]], dtype=np.int64)
-    probs = frame[[f"prob_{n}" for n in class_names]].to_numpy()  # float32 from a probe: written with 9 digits
+    probs = frame[[f"prob_{n}" for n in class_names]].to_numpy()  # in the probe's own precision (float32)
     writer.write_predictions(frame["row_id"].to_numpy(), gold, probs, class_names)
 
 
