@@ -443,7 +443,7 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
                          label_names=label_names, batch_size=batch_size, max_length=max_length,
                          max_tokens_per_batch=max_tokens_per_batch, grad_sample=grad_sample,
                          grad_layers=grad_layers, seed=seed, progress=progress, check_params=params,
-                         only=selected.get("only"), skip=selected.get("skip"))
+                         only=selected.get("only"), skip=selected.get("skip"), fail_on=fail_on)
     mapper = LabelMapper(class_names, source, columns.label)
     row_ids = np.arange(len(frame), dtype=np.int64)
     gold = mapper(frame[columns.label], row_ids)

@@ -163,6 +163,14 @@ def test_a_diagnosis_keeps_the_threshold_it_was_made_with(tiny_collapsed, tmp_pa
     assert 'name="fail_on" value="warn"' in render_junit(d)
 
 
+def test_a_warning_check_alone_gates_a_diagnosis_made_with_fail_on_warn(tiny_collapsed):
+    frame = tiny_collapsed["eval_df"].head(60)
+    d = collapse_detect.diagnose(tiny_collapsed["model"], tiny_collapsed["tokenizer"], frame, fail_on="warn",
+                                 only="low_recall", check_params={"low_recall": {"floor": 0.99}})
+    assert d.metadata["checks_run"] == ["low_recall"]
+    assert d.verdict() == "COLLAPSE" and d.exit_code() == 1
+
+
 def test_diagnose_refuses_a_selection_that_cannot_gate_before_probing(tiny_collapsed, monkeypatch):
     import collapse_detect.probe as probe
 
