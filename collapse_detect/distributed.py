@@ -80,6 +80,13 @@ class Group:
         timeout = float(os.environ.get("COLLAPSE_DETECT_DIST_TIMEOUT_S", 24 * 3600))
         self.owned = not dist.is_initialized()  # a caller's own process group is used, and left alone
         if self.owned:
+            # torch.distributed.nn binds the world group as its functions' default argument when first imported,
+            # which loading a model does (transformers imports it). Imported after the group exists, it keeps the
+            # group alive past destroy_process_group, and gloo's threads are then torn down with the interpreter,
+            # which now and then aborts the process at exit ("terminate called without an active exception").
+            # Imported first, it binds None.
+            import torch.distributed.nn  # noqa: F401
+
             dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=timeout))
         self.failed = False

@@ -195,6 +195,37 @@ class Recorder:
         self.ids.extend(ids.tolist())
 
 
+GROUP_LIFETIME = """
+import os, sys
+from collapse_detect.checkpoint import load_checkpoint
+from collapse_detect.distributed import DistEnv, Group
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+group = Group(DistEnv(rank=0, world_size=1))
+during = gloo_threads()
+load_checkpoint(sys.argv[1])  # what every rank does after joining: transformers imports torch.distributed.nn
+group.exchange("done")
+group.close()
+print(len(during), len(gloo_threads()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed from /proc")
+def test_closing_the_group_ends_its_threads_after_a_model_load(tiny, tmp_path):
+    """Loading a model after the group exists must not keep the group alive past close(): a group left to the
+    interpreter's teardown took gloo's threads down at exit and, now and then, aborted a rank (exit -6)."""
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    done = subprocess.run([sys.executable, "-c", GROUP_LIFETIME, str(tiny["model"])], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    during, after = map(int, done.stdout.split()[-2:])
+    assert during > 0  # the check can see gloo's threads
+    assert after == 0
+
+
 def _blocks(ids, cuts):
     ids = np.asarray(ids, dtype=np.int64)
     return [(part, part % 3, np.full((len(part), 3), 1 / 3)) for part in np.split(ids, cuts) if len(part)]
