@@ -253,18 +253,20 @@ TRAINING_ARG_FIELDS = ("learning_rate", "weight_decay", "warmup_steps", "warmup_
 
 
 def _training_args(path: Path, allow_pickle: bool) -> dict:
-    """The training arguments Trainer saved. The file is a pickle, which can run code when loaded: it is
-    read only with --allow-pickle."""
+    """The training arguments Trainer saved. The file is a pickle: it is read only with --allow-pickle, and then
+    without importing or running anything it names (checkpoint.read_saved_object)."""
     if not allow_pickle:
         return {"read": False, "file": str(path),
                 "note": "training_args.bin is a pickle and was not read; pass --allow-pickle to read it"}
-    import torch
+    from .checkpoint import read_saved_object
 
     try:
-        args = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a foreign or damaged pickle is evidence we lack, not a reason to stop
+        saved = read_saved_object(path)
+    except (OSError, ValueError) as exc:  # a foreign or damaged file is evidence we lack, not a reason to stop
         return {"read": False, "file": str(path), "note": f"could not read training_args.bin: {exc}"}
-    values = {name: getattr(args, name) for name in TRAINING_ARG_FIELDS if hasattr(args, name)}
+    if not isinstance(saved, dict):
+        return {"read": False, "file": str(path), "note": "training_args.bin does not hold an object with fields"}
+    values = {name: saved[name] for name in TRAINING_ARG_FIELDS if name in saved}
     return {"read": True, "file": str(path),
             **{k: (v if isinstance(v, (int, float, bool, str)) or v is None else str(v)) for k, v in values.items()}}
 

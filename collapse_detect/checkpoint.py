@@ -3,7 +3,9 @@
 Safety rules, because checkpoints in CI are untrusted input:
 - never touch the network (``local_files_only=True`` and ``HF_HUB_OFFLINE``);
 - never run code shipped with the checkpoint (``trust_remote_code=False``);
-- load safetensors only, unless ``allow_pickle`` is set; even then ``weights_only=True``.
+- load safetensors only, unless ``allow_pickle`` is set; even then ``weights_only=True``;
+- read a pickled ``training_args.bin`` (with ``allow_pickle``) without importing or calling what it names
+  (``read_saved_object``).
 """
 
 from __future__ import annotations
@@ -195,3 +197,76 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+PICKLE_READ_LIMIT = 16 * 2**20  # bytes of pickle read from a saved object; training_args.bin holds a few KB
+
+
+class _Named:
+    """Stands in for whatever a pickle names (a class, an enum, a function): nothing is imported or called.
+    Called or instantiated by the pickle, it only keeps the arguments and the state it was given."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        inst = object.__new__(cls)
+        inst.args, inst.state = args, None
+        return inst
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _plain(value, depth: int = 0):
+    """A stand-in as a plain value: an enum member as its value, an object as its state (a dict)."""
+    if depth > 20:
+        return None
+    if isinstance(value, _Named):
+        if isinstance(value.state, tuple) and value.state and isinstance(value.state[0], dict):
+            value.state = value.state[0]  # (__dict__, __slots__) state
+        if isinstance(value.state, dict):
+            return {str(k): _plain(v, depth + 1) for k, v in value.state.items()}
+        if len(value.args) == 1 and value.state is None and value.qualname.rsplit(".", 1)[-1][:1].isupper():
+            return _plain(value.args[0], depth + 1)  # a class called with one value: Enum(value) and the like
+        return f"<{value.qualname}>"
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def read_saved_object(path: Path) -> object:
+    """The fields of an object that ``torch.save`` pickled (such as Trainer's ``training_args.bin``), read without
+    importing or running anything the file names: every class or function it refers to becomes a stand-in that
+    only records its arguments and state, so a crafted file cannot execute code. Returns plain values (dicts,
+    lists, str, numbers; an enum member as its value). Raises ValueError for a file in another format."""
+    import io
+    import pickle
+    import zipfile
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            return type(name, (_Named,), {"qualname": f"{module}.{name}"})
+
+        def persistent_load(self, pid):  # tensor storages: not needed for the fields
+            return None
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith("/data.pkl") or m.filename == "data.pkl"]
+            if len(members) != 1:
+                raise ValueError("not a file written by torch.save (no data.pkl in the archive)")
+            if members[0].file_size > PICKLE_READ_LIMIT:
+                raise ValueError(f"its pickle is {members[0].file_size} bytes, more than a saved configuration")
+            data = archive.read(members[0])
+    except zipfile.BadZipFile:
+        raise ValueError("not a zip archive as torch.save writes (an older or foreign format)") from None
+    try:
+        return _plain(Reader(io.BytesIO(data)).load())
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
+            RecursionError, MemoryError) as exc:
+        raise ValueError(f"unreadable pickle ({type(exc).__name__}: {exc})"[:300]) from None

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least("--seed", 0, f"an integer from 0 to {SEED_MAX}", SEED_MAX),
                    default=0, help="seed for every sample the report shows (default 0)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="allow pytorch_model.bin checkpoints (loaded with weights_only=True)")
+                   help="allow pytorch_model.bin checkpoints (loaded with weights_only=True) and read Trainer's "
+                        "training_args.bin (without running anything it names)")
     p.add_argument("--train-file", metavar="FILE",
                    help="training data (same label column): class weights and the training prior come from its "
                         "labels instead of the eval set's")

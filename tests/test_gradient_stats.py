@@ -94,6 +94,46 @@ def test_training_args_bin_is_read_only_with_allow_pickle(tiny_trained, tmp_path
     opened = diagnose_files(ckpt, tiny_trained["eval"], RunOptions(allow_pickle=True))
     assert opened.stats["evidence"]["training_args"]["read"] is True
     assert opened.stats["evidence"]["training_args"]["learning_rate"] == pytest.approx(3e-4)
+    assert opened.stats["evidence"]["training_args"]["eval_strategy"] == "no"  # an enum member, as its value
+    assert opened.stats["evidence"]["training_args"]["weight_decay"] == 0.0
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a crafted training_args.bin would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_training_args_bin_runs_nothing_it_names(tiny_trained, tmp_path):
+    """With --allow-pickle, a training_args.bin whose pickle calls os.system is read without calling it, in the
+    zip format torch.save writes and as a bare pickle; the run goes on and says the file could not be read."""
+    import pickle
+    import shutil
+
+    from collapse_detect.checkpoint import read_saved_object
+
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "crafted"
+    shutil.copytree(tiny_trained["dir"], ckpt)
+    torch.save({"learning_rate": _Payload(marker)}, ckpt / "training_args.bin")
+    saved = read_saved_object(ckpt / "training_args.bin")
+    assert saved == {"learning_rate": "<posix.system>"} and not marker.exists()
+    d = diagnose_files(ckpt, tiny_trained["eval"], RunOptions(allow_pickle=True))
+    assert not marker.exists()
+    assert d.stats["evidence"]["training_args"]["learning_rate"] == "<posix.system>"
+    (ckpt / "training_args.bin").write_bytes(pickle.dumps(_Payload(marker)))  # the older, bare-pickle format
+    d = diagnose_files(ckpt, tiny_trained["eval"], RunOptions(allow_pickle=True))
+    assert not marker.exists()
+    assert d.stats["evidence"]["training_args"]["read"] is False
+    assert "zip archive" in d.stats["evidence"]["training_args"]["note"]
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is real: loaded by pickle itself, it runs
+    assert marker.exists()
 
 
 def _grad_stats_two_groups(head_by_class, ghost_by_class, k=3):
