@@ -22,6 +22,7 @@ path on every node; only rank 0 needs the ``--out`` folder. Each rank exits 0, 1
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class Group:
             # group alive past destroy_process_group, and gloo's threads are then torn down with the interpreter,
             # which now and then aborts the process at exit ("terminate called without an active exception").
             # Imported first, it binds None.
-            import torch.distributed.nn  # noqa: F401
+            importlib.import_module("torch.distributed.nn")
 
             dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=timeout))
