@@ -14,6 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LABELS = ["sports", "politics", "business"]
 
+try:  # the same examples on every run, and no example database in the checkout
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("collapse-detect", derandomize=True, database=None)
+    _hypothesis_settings.load_profile("collapse-detect")
+except ImportError:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _no_step_summary(monkeypatch):
+    """Runs in the tests write no report into a real CI job's step summary (subprocesses inherit os.environ);
+    the tests of that summary set the variable themselves."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory):

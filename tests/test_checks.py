@@ -148,6 +148,23 @@ def test_a_crashing_check_becomes_an_error_finding_and_others_still_run(monkeypa
     assert "class_never_predicted" in _ids(findings)
 
 
+def test_a_crashed_check_fails_the_gate_of_a_healthy_model(monkeypatch):
+    """A gate that could not look must not pass: a crashed non-collapse check alone makes the verdict COLLAPSE
+    and the exit code 1, under --fail-on fail and warn alike."""
+    from collapse_detect.api import RunOptions, judge
+
+    def boom(stats):
+        raise KeyError("per_class")
+
+    healthy = judge(_healthy(), {}, RunOptions())
+    assert healthy.verdict() == "HEALTHY" and healthy.exit_code() == 0
+    monkeypatch.setitem(REGISTRY, "boom", REGISTRY["low_recall"].__class__("boom", boom, "t", "m", "warn", False))
+    crashed = judge(_healthy(), {}, RunOptions())
+    assert [f.check_id for f in crashed.findings if f.severity is Severity.ERROR] == ["boom"]
+    assert crashed.verdict() == "COLLAPSE" and crashed.exit_code() == 1
+    assert crashed.exit_code("warn") == 1
+
+
 def test_thresholds_are_documented_keyword_defaults():
     assert REGISTRY["low_recall"].defaults == {"floor": 0.5, "min_support": 5}
     assert REGISTRY["class_never_predicted"].defaults == {"min_support": 5, "max_share_ratio": 0.1}

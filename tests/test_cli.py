@@ -48,9 +48,11 @@ def test_healthy_model_exits_0_and_writes_every_output(tiny_trained, out_dir, ca
 def test_module_entry_point_matches(tiny_trained, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "collapse_detect", str(tiny_trained["dir"]),
                            str(tiny_trained["eval"]), "--out", str(tmp_path / "r"), "--quiet"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["verdict"] == "HEALTHY" and summary["metadata"]["rows"] == 200
 
 
 def _bad(capsys, tiny_trained, data, *extra, out_dir=None):

@@ -51,9 +51,22 @@ def tiny(tmp_path_factory):
 def _env(**extra) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLLAPSE_DETECT_DIST_TIMEOUT_S="180")
     env.update(extra)
     return env
+
+
+def _stop(procs) -> None:
+    """Kill what is left of launched processes (and their children) when a test ends early."""
+    import signal
+
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def _free_port() -> int:
@@ -96,16 +109,17 @@ def test_two_processes_give_the_single_process_report(tiny, tmp_path, monkeypatc
            str(_free_port()), "-m", "collapse_detect", str(tiny["model"]), str(tiny["data"]), "--out",
            str(dist_out), *FLAGS]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     # meanwhile, the single-process run in this process (1 thread, as each rank has)
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
         single_code = main([str(tiny["model"]), str(tiny["data"]), "--out", str(tmp_path / "one"), "--threads", "1",
                             *FLAGS])
+        out, err = proc.communicate(timeout=240)
     finally:
         torch.set_num_threads(threads)
-    out, err = proc.communicate(timeout=240)
+        _stop([proc])
     # torchrun exits 1 whenever a worker exits non-zero (here: rank 0's verdict 1 = collapse found)
     assert proc.returncode == (0 if single_code == 0 else 1), err[-3000:]
     assert single_code in (0, 1)
@@ -144,8 +158,12 @@ def test_a_failing_rank_stops_every_rank_with_one_line(tiny, tmp_path):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "collapse_detect", str(tiny["model"]), str(bad),
                                        "--out", str(out), "--quiet"], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=180) for p in procs]
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    finally:
+        _stop(procs)
     assert [p.returncode for p in procs] == [2, 2], results
     lines0 = [x for x in results[0][1].splitlines() if x.strip()]
     assert len(lines0) == 1, results[0][1]

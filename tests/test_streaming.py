@@ -236,7 +236,7 @@ def test_wait_policy_is_set_before_torch_loads(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", code + "print(os.environ['OMP_WAIT_POLICY'])"], env=env,
-                         capture_output=True, text=True, cwd=tmp_path)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "PASSIVE" and "--threads" in out.stdout and "--dtype" in out.stdout
     from collapse_detect import runtime
@@ -331,7 +331,7 @@ def test_keep_freed_memory_stops_page_faults(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
         env.update(extra, PYTHONPATH=str(ROOT))
         out = subprocess.run([sys.executable, "-c", code, mode.split("-")[0]], env=env, capture_output=True,
-                             text=True, cwd=tmp_path)
+                             text=True, cwd=tmp_path, timeout=120)
         assert out.returncode == 0, out.stderr
         applied, n = out.stdout.split()
         faults[mode] = (applied, int(n))
@@ -356,7 +356,7 @@ def test_forward_logits_batches_like_the_probe_and_keeps_row_order(tiny):
     assert alone.std(axis=0).min() > 5e-4  # rows differ, by far more than the tolerance below
     for workers in (1, 2):
         got = forward_logits(model, rows, 0, batch_size=16, max_tokens=200, workers=workers)
-        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)  # a few float32 steps, on any CPU's kernels
     assert torch.get_num_threads() == 1  # the fixture's setting, back after the workers
     assert forward_logits(model, [], 0, workers=2).shape == (0, 3)
 
