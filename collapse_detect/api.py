@@ -386,6 +386,14 @@ def diagnose(model, tokenizer, texts, labels=None, *, text_pairs=None, text_col=
                          "run the collapse-detect command or load it with from_pretrained)")
     if tokenizer is None or not callable(tokenizer):
         raise InputError(f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__}")
+    from .checkpoint import check_judgeable
+    from .gradnorm import find_head
+
+    try:
+        head = find_head(model)
+    except ValueError as exc:
+        raise InputError(f"cannot find the model's classification head: {exc}") from None
+    check_judgeable(model, head, f"the model ({type(model).__name__})")
     if isinstance(label_names, str):  # "a,b,c", as the command line takes it
         label_names = split_names(label_names)
     if labels is not None and hasattr(labels, "tolist") and not isinstance(labels, pd.Series):

@@ -139,6 +139,7 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
         )
     weights_file, safe = _weights_file(path, allow_pickle)
 
+    import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -157,9 +158,11 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
     try:
         with warnings.catch_warnings():  # torch's note on a pickle's protocol is not for the user to act on
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # in fp32 whatever dtype the weights were saved in (transformers 5 keeps the saved one): the probe
+            # computes in fp32 unless --dtype bf16 asks otherwise, and its drift is measured against fp32
             model, loading_info = AutoModelForSequenceClassification.from_pretrained(
                 path, local_files_only=True, trust_remote_code=False, use_safetensors=safe, weights_only=True,
-                output_loading_info=True,
+                output_loading_info=True, dtype=torch.float32,
             )
     except Exception as exc:
         if not safe and "weights only load failed" in str(exc).lower():
@@ -174,9 +177,10 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
     from .gradnorm import find_head
 
     try:
-        find_head(model)  # every later step reads the head's input; fail here, with the folder's name
+        head = find_head(model)  # every later step reads the head's input; fail here, with the folder's name
     except ValueError as exc:
         raise CheckpointError(f"{str(path)!r}: cannot find the classification head: {_first_line(exc)}") from exc
+    check_judgeable(model, head, repr(str(path)))
     num_labels = int(model.config.num_labels)
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     class_names = [id2label.get(i, f"LABEL_{i}") for i in range(num_labels)]
@@ -192,6 +196,41 @@ def load_checkpoint(model_dir: str | os.PathLike, *, allow_pickle: bool = False)
         notes.append(f"{len(missing)} parameter(s) were not in the checkpoint and were initialised at random: "
                      f"{', '.join(missing[:4])}")
     return LoadedCheckpoint(model, tokenizer, class_names, generic, resolved, weights_file, notes, missing)
+
+
+def check_judgeable(model, head, where: str) -> None:
+    """Refuse, before any probing, the models whose outputs collapse-detect cannot read as one softmax over the
+    classes of each row: multi-label classifiers (a sigmoid per class), regression heads (one output) and
+    classifiers that apply their head to every token and pick one token's logits afterwards (decoders such as
+    GPT-2 or Llama: the head's input is then not one feature vector per row)."""
+    import torch
+
+    config = model.config
+    problem = getattr(config, "problem_type", None)
+    if problem == "multi_label_classification":
+        raise CheckpointError(
+            f"{where} is a multi-label classifier (problem_type 'multi_label_classification' in its config): each "
+            "class has its own sigmoid; collapse-detect judges single-label classifiers, whose classes share one "
+            "softmax")
+    if problem == "regression" or int(getattr(config, "num_labels", 2)) < 2:
+        why = f"problem_type {problem!r}" if problem == "regression" else "one output"
+        raise CheckpointError(f"{where} is a regression model ({why}); collapse-detect judges classifiers with two "
+                              "or more classes")
+    seen: list[int] = []
+    handle = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].dim()))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
+    except Exception:  # a model this input does not suit: the probe's own error tells more
+        seen.clear()
+    finally:
+        handle.remove()
+    if seen and seen[0] != 2:
+        raise CheckpointError(
+            f"{where}: its classification head reads every token and one token's logits are picked afterwards (a "
+            "decoder classifier such as GPT-2 or Llama); collapse-detect judges classifiers whose head reads one "
+            "pooled vector per row (BERT, RoBERTa, DistilBERT, DeBERTa, ELECTRA, ...)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -61,10 +61,23 @@ class ProbeRun:
     runtime: dict = field(default_factory=dict)  # threads, wait policy, processes: for the metadata
 
 
+def _position_offset(model) -> int:
+    """Position ids the embeddings skip: RoBERTa-family models number a row's positions from padding_idx + 1, so
+    they read max_position_embeddings - padding_idx - 1 tokens (512 of roberta-base's 514)."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if hasattr(embeddings, "create_position_ids_from_input_ids") and isinstance(padding_idx, int):
+        return padding_idx + 1
+    return 0
+
+
 def model_max_length(model, tokenizer, requested: int | None) -> int:
     """The longest input the model takes: the smaller of what was asked, the tokenizer's limit and the
-    position embeddings."""
-    limits = [getattr(model.config, "max_position_embeddings", None), requested]
+    position embeddings (less the positions the embeddings skip)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        positions = int(positions) - _position_offset(model)
+    limits = [positions, requested]
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         limits.append(tok_limit)
