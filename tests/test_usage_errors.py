@@ -384,3 +384,16 @@ def test_version_and_predictions_mode_formats(capsys, tmp_path):
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"collapse-detect {__version__}"
     _fails_cleanly(capsys, ["--predictions", str(_nasty_predictions(tmp_path)), "--out", str(tmp_path / "o"),
                             "--format", "csv"], "--format csv writes predictions.csv, which a --predictions run reads")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("flag, target", [("--write-fixed", "/proc/collapse-detect-fixed"),
+                                          ("--junit", "/proc/collapse-detect-junit.xml")])
+def test_an_output_that_fails_only_when_written_is_one_line_and_leaves_nothing(capsys, tmp_path, flag, target):
+    """A path that passes the early checks but cannot be written (as root, /proc allows every access test; a
+    full disk does the same): --write-fixed gave a traceback and exit 1, and --junit left the report written."""
+    out = tmp_path / "o"
+    err = _fails_cleanly(capsys, [str(COLLAPSED), str(SAMPLE), "--out", str(out), flag, target, "--quiet"],
+                         f"cannot write {flag} {target!r}: ", nothing_at=out)
+    assert not Path(target).exists()
+    assert err.count("Error") == 1
