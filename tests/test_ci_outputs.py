@@ -188,7 +188,7 @@ def test_the_github_actions_example_gates_and_publishes(github_run):
     assert github_run["commands"] == ["collapse-detect models/classifier data/eval.csv --out reports/collapse-detect "
                                       "--junit reports/collapse-detect-junit.xml"]
     assert [c for c in github_run_commands(text) if c.startswith("pip install")] == [
-        "pip install torch --index-url https://download.pytorch.org/whl/cpu", "pip install collapse-detect"]
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu", 'pip install "collapse-detect @ git+https://github.com/OWNER/collapse-detect@v0.1.0"']
     assert done.returncode == 1, done.stderr  # the collapse fails the step, so the job fails
     assert done.stdout.startswith("collapse-detect: COLLAPSE  (100 rows, 3 classes;")
     # the later steps publish exactly what the command wrote
