@@ -11,7 +11,7 @@ from .errors import CollapseDetectError, InputError
 from .outputs import FORMATS
 from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, SEED_MAX
 
-EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,6 +177,17 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a defect of collapse-detect, not a verdict: never exit 1, which means collapse
+        import traceback
+
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        print(f"Error: collapse-detect failed unexpectedly ({message}); nothing was judged. The traceback above "
+              "is what a bug report needs", file=sys.stderr)
+        from .distributed import notify_failure
+
+        notify_failure(f"rank 0 failed unexpectedly: {message}")
+        return EXIT_INTERNAL
 
 
 def _write_fixed_or_fail(folder, outcome, diagnosis, data, options) -> dict:

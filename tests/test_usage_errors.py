@@ -397,3 +397,22 @@ def test_an_output_that_fails_only_when_written_is_one_line_and_leaves_nothing(c
                          f"cannot write {flag} {target!r}: ", nothing_at=out)
     assert not Path(target).exists()
     assert err.count("Error") == 1
+
+
+def test_a_defect_of_the_tool_exits_3_not_as_a_verdict(capsys, tmp_path, monkeypatch):
+    """An unexpected exception is neither a collapse (1) nor a user mistake (2): exit 3, with the traceback for
+    a bug report and a last line that says nothing was judged; the report folder is not written."""
+    import collapse_detect.api as api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("state the probe cannot be in")
+
+    monkeypatch.setattr(api, "probe_files", broken)
+    out = tmp_path / "o"
+    code = main([str(COLLAPSED), str(SAMPLE), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith(
+        "Error: collapse-detect failed unexpectedly (RuntimeError: state the probe cannot be in); nothing was judged")
+    assert not out.exists()
