@@ -91,3 +91,18 @@ def test_label_col_seed_and_threads_reach_the_run(tmp_path):
     assert run["metadata"]["seed"] == 7
     assert (run["metadata"]["threads"], run["metadata"]["threads_reason"]) == (1, "--threads")
     assert run["verdict"] == "COLLAPSE" and run["stats"]["n"] == len(df)
+
+
+def test_the_run_table_shows_values_not_python_reprs(tmp_path):
+    """The report's Run table: None as 'none', a table as key: value pairs, a list as its items (it showed
+    Python's repr: "None", "{'text': 'text', 'text_pair': None, ...}")."""
+    import re
+
+    out = tmp_path / "r"
+    assert main([str(COLLAPSED), str(EVAL), "--out", str(out), "--quiet", "--format", "html"]) == 1
+    html = (out / "report.html").read_text()
+    run = dict(re.findall(r"<tr><th>([a-z_]+)</th><td>(.*?)</td></tr>", html[html.index('<section id="run">'):]))
+    assert run["train_file"] == "none" and run["config"] == "none"
+    assert run["columns"] == "text: text; label: label"
+    assert run["checks_run"].startswith("class_never_predicted, prediction_absorbed, ")
+    assert not any(v.startswith(("{", "[")) or v == "None" for v in run.values()), run

@@ -19,6 +19,23 @@ _env = Environment(loader=PackageLoader("collapse_detect", "report/templates"),
 _env.filters["pct"] = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
 _env.filters["num"] = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"
 
+
+def _plain_value(value) -> str:
+    """A metadata value as a reader writes it: none for None, a list as its items, a table as key: value pairs
+    (its unset entries left out), not Python's repr."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_plain_value(v)}" for k, v in value.items() if v is not None) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain_value(v) for v in value) or "none"
+    return str(value)
+
+
+_env.filters["plain"] = _plain_value
+
 SEVERITY_ICON = {"error": "ERROR", "fail": "FAIL", "warn": "WARN", "info": "INFO"}
 
 
