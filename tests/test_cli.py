@@ -188,12 +188,12 @@ def test_remote_code_checkpoint_is_refused(tiny_trained, tmp_path, capsys):
     assert code == 2 and "asks for custom code (auto_map)" in err
 
 
-def test_trainer_output_dir_picks_the_best_checkpoint(tiny_trained, tmp_path, capsys):
+def test_trainer_output_dir_picks_the_best_checkpoint(tiny_trained, tiny_collapsed, tmp_path, capsys):
     import shutil
 
-    run_dir = tmp_path / "run"
-    for step in (10, 20):
-        shutil.copytree(tiny_trained["dir"], run_dir / f"checkpoint-{step}")
+    run_dir = tmp_path / "run"  # the best checkpoint is the healthy one; the last one has collapsed
+    shutil.copytree(tiny_trained["dir"], run_dir / "checkpoint-10")
+    shutil.copytree(tiny_collapsed["dir"], run_dir / "checkpoint-20")
     state = {"best_model_checkpoint": str(run_dir / "checkpoint-10"), "log_history": [], "global_step": 20}
     (run_dir / "checkpoint-20" / "trainer_state.json").write_text(json.dumps(state))
     code, out, err = run(capsys, run_dir, tiny_trained["eval"], "--out", tmp_path / "o", "--quiet")
@@ -217,6 +217,9 @@ def test_labels_as_integer_ids_and_jsonl_and_parquet(tiny_trained, tmp_path, cap
         assert code == 0, err
         results.append(json.loads((tmp_path / name.replace(".", "_") / "summary.json").read_text())["stats"])
     assert results[0]["confusion"] == results[1]["confusion"] == results[2]["confusion"]
+    code, out, err = run(capsys, tiny_trained["dir"], tiny_trained["eval"], "--out", tmp_path / "csv", "--quiet")
+    assert code == 0, err  # the CSV with class names, as the other tests read it
+    assert json.loads((tmp_path / "csv" / "summary.json").read_text())["stats"]["confusion"] == results[0]["confusion"]
 
 
 def test_html_escapes_a_script_label(tiny_trained, tmp_path, capsys):
