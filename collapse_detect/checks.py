@@ -354,6 +354,13 @@ def input_ignored(stats, *, min_agreement: float = 0.95, max_distance: float = 0
     )]
 
 
+def head_is_fresh(head: dict, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2.0)) -> bool:
+    """The head as initialised: a bias still at zero and a weight std at the initializer's scale. A head without
+    a bias cannot be told from a lightly trained one by its weights alone, so it is never called fresh."""
+    return bool(head.get("has_bias", True) and head["bias_abs_max"] <= max_bias
+                and init_ratio[0] <= head["weight_std_ratio"] <= init_ratio[1])
+
+
 @register("untrained_head", requires="model", title="Classification head untrained or missing from the checkpoint",
           measures="missing head weights; head bias and weight scale vs initialisation", severity="fail")
 def untrained_head(stats, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2.0)):
@@ -363,7 +370,7 @@ def untrained_head(stats, *, max_bias: float = 1e-6, init_ratio: tuple = (0.5, 2
     if not head:
         return []
     missing = head["missing_head_keys"]
-    fresh = head["bias_abs_max"] <= max_bias and init_ratio[0] <= head["weight_std_ratio"] <= init_ratio[1]
+    fresh = head_is_fresh(head, max_bias=max_bias, init_ratio=init_ratio)
     if not missing and not fresh:
         return []
     why = (f"the checkpoint holds no {', '.join(missing)}: the head was initialised at random on load" if missing

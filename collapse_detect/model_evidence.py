@@ -115,7 +115,7 @@ def head_state(model, missing_keys: list[str], label_prior: list[float]) -> dict
     return {
         "weight_std": float(weight.std()), "initializer_range": init_range,
         "weight_std_ratio": float(weight.std() / init_range),
-        "bias": bias.tolist(), "bias_abs_max": float(np.abs(bias).max()),
+        "has_bias": head.bias is not None, "bias": bias.tolist(), "bias_abs_max": float(np.abs(bias).max()),
         "bias_spread": float(bias.max() - bias.min()),
         "bias_log_prior_correlation": corr,
         "missing_head_keys": missing_head,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .data import Chunk
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS
 from .stats import Accumulator, Reservoir, row_priority
 
@@ -69,6 +69,22 @@ def _position_offset(model) -> int:
     if hasattr(embeddings, "create_position_ids_from_input_ids") and isinstance(padding_idx, int):
         return padding_idx + 1
     return 0
+
+
+def non_finite_message(model, row_ids: np.ndarray, rows: int) -> str:
+    """Why a model whose logits are NaN or infinite cannot be judged, and where the cause likely is: weights that
+    hold NaN/inf (a diverged run, often fp16 overflow), or else an activation that overflows on these rows."""
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    first = ", ".join(str(int(r)) for r in row_ids[:3])
+    head = (f"the model outputs NaN or infinite logits for {len(row_ids)} of {rows} rows read so far "
+            f"({'rows' if len(row_ids) > 1 else 'row'} {first}{', ...' if len(row_ids) > 3 else ''}), from which "
+            "nothing can be judged")
+    if broken:
+        names = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        return (f"{head}: {len(broken)} weight tensor(s) hold NaN or inf ({names}), so training diverged; retrain "
+                "with a lower learning rate, gradient clipping (max_grad_norm) and bf16 or fp32 instead of fp16")
+    return (f"{head}: the weights are finite, so an activation overflows on these rows (with --dtype bf16, try the "
+            "default fp32)")
 
 
 def model_max_length(model, tokenizer, requested: int | None) -> int:
@@ -296,6 +312,9 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                     features[batch_idx] = feat
                     if bar is not None:
                         bar.update(len(batch_idx))
+                finite = np.isfinite(logits).all(axis=1)
+                if not finite.all():
+                    raise CheckpointError(non_finite_message(model, chunk.row_ids[~finite], n))
                 norms = None
                 if options.head_grad_norms:
                     probs = _softmax(logits)

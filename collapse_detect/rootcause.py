@@ -7,7 +7,7 @@ guessing.
 
 from __future__ import annotations
 
-from .checks import REGISTRY, output_is_constant, posthoc_repairs
+from .checks import REGISTRY, head_is_fresh, output_is_constant, posthoc_repairs
 
 CAUSES = {
     "label_mapping_mismatch": "id2label does not match the data's labels",
@@ -101,10 +101,12 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
         pro.append(f"the checkpoint has no weights for {', '.join(head['missing_head_keys'])}: transformers "
                    "initialised the head at random")
         s = 0.97
-    elif head and head.get("bias_abs_max", 1.0) < 1e-6 and 0.5 <= head.get("weight_std_ratio", 0) <= 2.0:
+    elif head and head_is_fresh(head, **REGISTRY["untrained_head"].settings(params)):  # the check's own reading
         pro.append(f"head bias is exactly zero and its weights have std {head['weight_std']:.4f}, the "
                    f"initializer_range {head['initializer_range']}")
         s = 0.9
+    elif head and not head.get("has_bias", True):
+        con.append("the head has no bias, so its weights alone cannot show whether it was trained")
     elif head:
         con.append(f"head bias spread {head.get('bias_spread', 0):.3f}, weight std "
                    f"{head.get('weight_std_ratio', 0):.1f}x the initialisation: it was trained")

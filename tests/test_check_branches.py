@@ -427,3 +427,25 @@ def test_frozen_features_are_representation_collapse_even_when_a_probe_separates
     assert _only(_frozen_stats(x2, gold2), "representation_collapse") == []
     # the floor is strict and read from the settings
     assert _only(s, "representation_collapse", {"representation_collapse": {"min_relative_spread": spread}}) == []
+
+
+def test_a_head_without_a_bias_is_never_called_fresh(tiny_collapsed):
+    """A bias-free head read as a zero bias made any head whose weight std sat near the initializer's scale (a
+    lightly fine-tuned one) 'never trained': COLLAPSE on a model with balanced accuracy 1.0. Without a bias the
+    weights alone cannot tell, so neither the check nor the root cause names it."""
+    import build_samples as B
+
+    from collapse_detect.rootcause import score_causes
+
+    model = B.make_tiny_bert(tiny_collapsed["tokenizer"], LABELS, seed=21)
+    model.classifier = torch.nn.Linear(32, 3, bias=False)
+    torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
+    s = _head_stats(model)
+    head = s["evidence"]["head"]
+    assert head["has_bias"] is False and 0.5 <= head["weight_std_ratio"] <= 2.0  # the fresh test's scale
+    assert _only(s, "untrained_head") == []
+    cause = score_causes(s)["untrained_head"]
+    assert cause["score"] == 0.0 and any("no bias" in c for c in cause["evidence_against"])
+    with_bias = B.make_tiny_bert(tiny_collapsed["tokenizer"], LABELS, seed=21)
+    assert _head_stats(with_bias)["evidence"]["head"]["has_bias"] is True
+    assert [f.check_id for f in _only(_head_stats(with_bias), "untrained_head")] == ["untrained_head"]

@@ -117,3 +117,16 @@ def test_roberta_is_truncated_to_the_positions_it_can_number(base, tmp_path):
     assert max(lengths) > 32
     assert tokenization["truncated_rows"] == sum(n > 32 for n in lengths)
     assert np.isclose(sum(map(sum, summary["stats"]["confusion"])), len(df))
+
+
+def test_a_model_with_nan_weights_is_one_line_naming_the_weights(base, tmp_path, capsys):
+    """A run that diverged into NaN weights outputs NaN for every row: sklearn's ROC-AUC raised on it (exit 3,
+    'failed unexpectedly'); the message now says which weights hold NaN and what to change in training."""
+    model = base["B"].make_tiny_bert(base["tok"], LABELS, seed=4)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.LayerNorm.weight[0] = float("nan")
+    folder = base["B"].save_checkpoint(model, base["tok"], tmp_path / "nan")
+    err = _refused(capsys, folder, base["eval"], tmp_path)
+    rows = len(base["df"])
+    assert f"outputs NaN or infinite logits for {rows} of {rows} rows read so far (rows 0, 1, 2, ...)" in err
+    assert "1 weight tensor(s) hold NaN or inf (bert.encoder.layer.1.output.LayerNorm.weight)" in err
