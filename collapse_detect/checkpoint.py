@@ -259,22 +259,31 @@ class _Named:
         self.state = state
 
 
-def _plain(value, depth: int = 0):
-    """A stand-in as a plain value: an enum member as its value, an object as its state (a dict)."""
+PLAIN_VALUE_LIMIT = 100_000  # values rebuilt from one saved object; training_args.bin has a few hundred
+
+
+def _plain(value, depth: int = 0, budget: list | None = None):
+    """A stand-in as a plain value: an enum member as its value, an object as its state (a dict). A pickle can
+    refer to one list many times over, so the values rebuilt are counted: past ``PLAIN_VALUE_LIMIT`` it is not a
+    saved configuration (ValueError)."""
+    budget = [PLAIN_VALUE_LIMIT] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"it expands to more than {PLAIN_VALUE_LIMIT} values, more than a saved configuration")
     if depth > 20:
         return None
     if isinstance(value, _Named):
         if isinstance(value.state, tuple) and value.state and isinstance(value.state[0], dict):
             value.state = value.state[0]  # (__dict__, __slots__) state
         if isinstance(value.state, dict):
-            return {str(k): _plain(v, depth + 1) for k, v in value.state.items()}
+            return {str(k): _plain(v, depth + 1, budget) for k, v in value.state.items()}
         if len(value.args) == 1 and value.state is None and value.qualname.rsplit(".", 1)[-1][:1].isupper():
-            return _plain(value.args[0], depth + 1)  # a class called with one value: Enum(value) and the like
+            return _plain(value.args[0], depth + 1, budget)  # a class called with one value: Enum(value) and such
         return f"<{value.qualname}>"
     if isinstance(value, (list, tuple)):
-        return [_plain(v, depth + 1) for v in value]
+        return [_plain(v, depth + 1, budget) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+        return {str(k): _plain(v, depth + 1, budget) for k, v in value.items()}
     return value
 
 

@@ -136,6 +136,29 @@ def test_training_args_bin_runs_nothing_it_names(tiny_trained, tmp_path):
     assert marker.exists()
 
 
+def test_a_saved_object_that_expands_without_end_is_refused(tmp_path):
+    """A pickle can refer to one list many times: 10 levels of 1,000 references are 20 kB on disk and 1e30
+    values once copied out; the reader stops at its value budget instead of running for ever."""
+    import pickle
+    import zipfile
+
+    from collapse_detect.checkpoint import PLAIN_VALUE_LIMIT, read_saved_object
+
+    nested = [1]
+    for _ in range(10):
+        nested = [nested] * 1000
+    path = tmp_path / "training_args.bin"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(nested, protocol=2))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=f"more than {PLAIN_VALUE_LIMIT} values"):
+        read_saved_object(path)
+    small = [[1] * 10] * 10  # shared references within the budget are copied out
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(small, protocol=2))
+    assert read_saved_object(path) == small
+
+
 def _grad_stats_two_groups(head_by_class, ghost_by_class, k=3):
     """Every row has a head norm; ghost norms only on the rows given (NaN marks the rows not sampled)."""
     gold = np.concatenate([[c] * len(v) for c, v in head_by_class.items()])
