@@ -266,9 +266,23 @@ def _training_args(path: Path, allow_pickle: bool) -> dict:
         return {"read": False, "file": str(path), "note": f"could not read training_args.bin: {exc}"}
     if not isinstance(saved, dict):
         return {"read": False, "file": str(path), "note": "training_args.bin does not hold an object with fields"}
-    values = {name: saved[name] for name in TRAINING_ARG_FIELDS if name in saved}
     return {"read": True, "file": str(path),
-            **{k: (v if isinstance(v, (int, float, bool, str)) or v is None else str(v)) for k, v in values.items()}}
+            **{name: _saved_scalar(saved[name]) for name in TRAINING_ARG_FIELDS if name in saved}}
+
+
+def _saved_scalar(value):
+    """A field of training_args.bin as the report shows it: finite numbers below 2**53 as numbers, the rest as
+    (short) text, so a crafted value cannot break the JSON or the arithmetic that reads it."""
+    import math
+
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**53 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _posthoc(acc, options: RunOptions, train_counts) -> dict | None:
@@ -303,13 +317,34 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
         raise InputError("--write-fixed needs post-hoc offsets, but the eval rows gave none "
                          "(fewer than two classes with two rows each)")
     out = Path(options.write_fixed)
-    write_fixed_checkpoint(outcome.loaded.model, outcome.loaded.tokenizer, post["offsets"], out)
+    existed = out.exists()  # checked beforehand to be new or empty
+    try:
+        write_fixed_checkpoint(outcome.loaded.model, outcome.loaded.tokenizer, post["offsets"], out)
+    except Exception as exc:  # a full disk (safetensors' own error type), a file system that refuses writes
+        _empty_folder(out, remove=not existed)
+        text = str(exc).strip()
+        reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+        raise InputError(f"cannot write --write-fixed {str(out)!r}: {reason}") from exc
     again = diagnose_files(out, data_file, replace(options, write_fixed=None, progress=False))
     return {"path": str(out), "method": post["best"], "offsets": post["offsets"],
             "verdict": again.verdict(), "exit_code": again.exit_code(),
             "balanced_accuracy": again.stats["balanced_accuracy"], "macro_f1": again.stats["macro_f1"],
             "recall": {c["class"]: c["recall"] for c in again.stats["per_class"]},
             "note": "re-probed on the same eval rows the offsets were chosen on; confirm on held-out data"}
+
+
+def _empty_folder(folder: Path, *, remove: bool) -> None:
+    """Leave nothing of a half-written folder: its contents, and the folder itself when the run created it."""
+    import shutil
+
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _trainer_state(value) -> tuple[dict | None, Path | None]:

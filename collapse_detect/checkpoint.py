@@ -213,9 +213,12 @@ def check_judgeable(model, head, where: str) -> None:
             "class has its own sigmoid; collapse-detect judges single-label classifiers, whose classes share one "
             "softmax")
     if problem == "regression" or int(getattr(config, "num_labels", 2)) < 2:
-        why = f"problem_type {problem!r}" if problem == "regression" else "one output"
-        raise CheckpointError(f"{where} is a regression model ({why}); collapse-detect judges classifiers with two "
-                              "or more classes")
+        if problem == "regression":
+            raise CheckpointError(f"{where} is a regression model (problem_type 'regression'); collapse-detect "
+                                  "judges classifiers with two or more classes")
+        raise CheckpointError(f"{where} has one output (a regression head, or a binary classifier with a single "
+                              "sigmoid output); collapse-detect judges classifiers with one output per class, two "
+                              "or more")
     seen: list[int] = []
     handle = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].dim()))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -259,6 +262,29 @@ class _Named:
         self.state = state
 
 
+NUMPY_SCALARS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+NUMERIC_DTYPES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+
+
+def _numpy_scalar(dtype, data):
+    """A numpy number as pickle stores it (a dtype and the value's bytes), decoded for numeric dtypes only: a
+    learning rate from a sweep is often np.float64."""
+    import numpy as np
+
+    if (isinstance(data, _Named) and data.qualname == "_codecs.encode" and len(data.args) == 2
+            and isinstance(data.args[0], str) and data.args[1] in ("latin1", "latin-1")):
+        data = data.args[0].encode("latin-1")  # how pickle protocol 2 stores bytes
+    if not (isinstance(dtype, _Named) and dtype.qualname == "numpy.dtype" and dtype.args
+            and str(dtype.args[0]) in NUMERIC_DTYPES and isinstance(data, bytes)):
+        return "<numpy scalar>"
+    state = dtype.state if isinstance(dtype.state, tuple) else ()
+    order = state[1] if len(state) > 1 and state[1] in ("<", ">", "=", "|") else "="
+    kind = np.dtype(str(dtype.args[0])).newbyteorder(order)
+    if len(data) != kind.itemsize:
+        return "<numpy scalar>"
+    return np.frombuffer(data, dtype=kind)[0].item()
+
+
 PLAIN_VALUE_LIMIT = 100_000  # values rebuilt from one saved object; training_args.bin has a few hundred
 
 
@@ -273,6 +299,8 @@ def _plain(value, depth: int = 0, budget: list | None = None):
     if depth > 20:
         return None
     if isinstance(value, _Named):
+        if value.qualname in NUMPY_SCALARS and len(value.args) == 2:
+            return _numpy_scalar(*value.args)
         if isinstance(value.state, tuple) and value.state and isinstance(value.state[0], dict):
             value.state = value.state[0]  # (__dict__, __slots__) state
         if isinstance(value.state, dict):
@@ -303,18 +331,25 @@ def read_saved_object(path: Path) -> object:
         def persistent_load(self, pid):  # tensor storages: not needed for the fields
             return None
 
+    too_big = ValueError(f"its pickle is over {PICKLE_READ_LIMIT} bytes, more than a saved configuration")
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if m.filename.endswith("/data.pkl") or m.filename == "data.pkl"]
             if len(members) != 1:
                 raise ValueError("not a file written by torch.save (no data.pkl in the archive)")
             if members[0].file_size > PICKLE_READ_LIMIT:
-                raise ValueError(f"its pickle is {members[0].file_size} bytes, more than a saved configuration")
-            data = archive.read(members[0])
+                raise too_big
+            with archive.open(members[0]) as member:  # read no more than the limit, whatever the header says
+                data = member.read(PICKLE_READ_LIMIT + 1)
+            if len(data) > PICKLE_READ_LIMIT:
+                raise too_big
     except zipfile.BadZipFile:
         raise ValueError("not a zip archive as torch.save writes (an older or foreign format)") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # an encrypted member, an unknown compression method, corrupt data
+        raise ValueError(f"unreadable archive ({type(exc).__name__}: {exc})"[:300]) from None
     try:
         return _plain(Reader(io.BytesIO(data)).load())
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
-            RecursionError, MemoryError) as exc:
+    except Exception as exc:  # whatever a malformed pickle makes the reader or the stand-ins raise
         raise ValueError(f"unreadable pickle ({type(exc).__name__}: {exc})"[:300]) from None

@@ -190,36 +190,13 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_INTERNAL
 
 
-def _write_fixed_or_fail(folder, outcome, diagnosis, data, options) -> dict:
-    """--write-fixed, with a folder that turns out not to be writable (a full disk, a read-only or special file
-    system) as a usage error that leaves nothing behind; the folder was checked to be new or empty."""
-    import shutil
-
-    from .api import write_fixed
-
-    target = Path(folder)
-    existed = target.exists()
-    try:
-        return write_fixed(outcome, diagnosis, data, options)
-    except OSError as exc:
-        if existed:
-            for child in target.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-        raise InputError(f"cannot write --write-fixed {str(folder)!r}: {exc.strerror or exc}") from exc
-
-
 def _run(args) -> int:
-    from .api import RunOptions, diagnosis_from_outcome, probe_files, require_a_gate
+    from .api import RunOptions, diagnosis_from_outcome, probe_files, require_a_gate, write_fixed
     from . import distributed
     from .data import split_names
     from .outputs import OutputWriter, check_inputs_outside, check_writable
     from .report.render import render_terminal
-    from .report.write import append_step_summary, write_junit, write_report_files
+    from .report.write import append_step_summary, stage_junit, write_report_files
 
     model_dir = Path(args.model_dir) if args.model_dir is not None else None
     default_name = model_dir.resolve().name if model_dir is not None else Path(args.predictions).stem
@@ -288,21 +265,31 @@ def _run(args) -> int:
         if args.predictions is None:
             diagnosis = diagnosis_from_outcome(outcome, model_dir, args.data, options)
             if args.write_fixed:
-                diagnosis.metadata["fixed_checkpoint"] = _write_fixed_or_fail(args.write_fixed, outcome, diagnosis,
-                                                                              args.data, options)
+                diagnosis.metadata["fixed_checkpoint"] = write_fixed(outcome, diagnosis, args.data, options)
         diagnosis.metadata["fail_on"] = args.fail_on
         diagnosis.metadata["config"] = args.config_file
         diagnosis.metadata["check_params"] = args.check_params
         write_report_files(writer, diagnosis, args.fail_on)
-        if args.junit:  # before the report is moved into place: a JUnit file that cannot be written leaves none
+        if args.junit:  # staged before the report lands, moved into place after it
             try:
-                write_junit(args.junit, diagnosis, args.fail_on)
+                junit_staged = stage_junit(args.junit, diagnosis, args.fail_on)
             except OSError as exc:
                 raise InputError(f"cannot write --junit {args.junit!r}: {exc.strerror or exc}") from exc
     except BaseException:
         writer.abort()
         raise
-    writer.commit()
+    try:
+        writer.commit()
+    except BaseException:
+        if args.junit:
+            junit_staged.unlink(missing_ok=True)
+        raise
+    if args.junit:
+        try:
+            os.replace(junit_staged, args.junit)
+        except OSError as exc:
+            junit_staged.unlink(missing_ok=True)
+            raise InputError(f"cannot write --junit {args.junit!r}: {exc.strerror or exc}") from exc
     append_step_summary(diagnosis, args.fail_on)
     report = out_dir / "report.html" if "html" in args.format else out_dir
     if not args.quiet:

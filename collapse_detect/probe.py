@@ -62,13 +62,12 @@ class ProbeRun:
 
 
 def _position_offset(model) -> int:
-    """Position ids the embeddings skip: RoBERTa-family models number a row's positions from padding_idx + 1, so
-    they read max_position_embeddings - padding_idx - 1 tokens (512 of roberta-base's 514)."""
+    """Position ids the embeddings skip: models whose position table has a padding row (RoBERTa, XLM-R, MPNet,
+    Longformer, ESM, ...) number a row's positions from padding_idx + 1, so they read
+    max_position_embeddings - padding_idx - 1 tokens (512 of roberta-base's 514); BERT's table has none."""
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    if hasattr(embeddings, "create_position_ids_from_input_ids") and isinstance(padding_idx, int):
-        return padding_idx + 1
-    return 0
+    padding_idx = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+    return padding_idx + 1 if isinstance(padding_idx, int) and padding_idx >= 0 else 0
 
 
 def non_finite_message(model, row_ids: np.ndarray, rows: int) -> str:
@@ -314,7 +313,7 @@ def run_probe(model, tokenizer, chunks: Iterable[Chunk], class_names: list[str],
                         bar.update(len(batch_idx))
                 finite = np.isfinite(logits).all(axis=1)
                 if not finite.all():
-                    raise CheckpointError(non_finite_message(model, chunk.row_ids[~finite], n))
+                    raise CheckpointError(non_finite_message(model, chunk.row_ids[~finite], run.rows + n))
                 norms = None
                 if options.head_grad_norms:
                     probs = _softmax(logits)

@@ -102,8 +102,8 @@ def score_causes(stats: dict, params: dict | None = None) -> dict[str, dict]:
                    "initialised the head at random")
         s = 0.97
     elif head and head_is_fresh(head, **REGISTRY["untrained_head"].settings(params)):  # the check's own reading
-        pro.append(f"head bias is exactly zero and its weights have std {head['weight_std']:.4f}, the "
-                   f"initializer_range {head['initializer_range']}")
+        pro.append(f"head bias is at most {head['bias_abs_max']:.2g} in size (zero at initialisation) and its "
+                   f"weights have std {head['weight_std']:.4f}, the initializer_range {head['initializer_range']}")
         s = 0.9
     elif head and not head.get("has_bias", True):
         con.append("the head has no bias, so its weights alone cannot show whether it was trained")

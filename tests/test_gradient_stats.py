@@ -206,3 +206,33 @@ def test_a_few_hard_rows_are_not_called_an_unfitted_class():
     broad = _grad_stats({0: [0.2] * 60, 1: [4.0] * 20, 2: [0.2] * 20})
     [ratio] = REGISTRY["minority_gradient_ratio"].func(broad)
     assert ratio.cause.startswith("The majority class's examples are already easy")
+
+
+def test_saved_numpy_numbers_and_malformed_files(tmp_path):
+    """numpy numbers (a sweep's np.float64 learning rate) read as numbers, bytes stored the protocol-2 way
+    included; an archive whose member cannot be read (corrupt deflate data) and values that would break the
+    report (an integer of 16,610 bits, inf) are a note or text, never a crash."""
+    import zipfile
+
+    from collapse_detect.api import _training_args
+    from collapse_detect.checkpoint import read_saved_object
+
+    path = tmp_path / "training_args.bin"
+    torch.save({"learning_rate": np.float64(3e-5), "num_train_epochs": np.int64(3), "seed": np.float32(0.5)}, path)
+    assert read_saved_object(path) == {"learning_rate": 3e-5, "num_train_epochs": 3, "seed": 0.5}
+    torch.save({"learning_rate": np.float64(3e-5)}, path, pickle_protocol=2)
+    assert read_saved_object(path) == {"learning_rate": 3e-5}
+
+    torch.save({"seed": 10**5000, "learning_rate": float("inf"), "weight_decay": "x" * 1000}, path)
+    read = _training_args(path, allow_pickle=True)
+    assert read["read"] is True and read["seed"] == "<integer of 16610 bits>"
+    assert read["learning_rate"] == "inf" and len(read["weight_decay"]) == 203
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00." * 200)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"archive/data.pkl") + len(b"archive/data.pkl")
+    raw[start:start + 8] = b"\xff" * 8  # the compressed stream's first bytes
+    path.write_bytes(bytes(raw))
+    read = _training_args(path, allow_pickle=True)
+    assert read["read"] is False and read["note"].startswith("could not read training_args.bin: unreadable archive")

@@ -51,7 +51,7 @@ def test_a_regression_head_is_refused(base, tmp_path, capsys):
     model = base["B"].make_tiny_bert(base["tok"], ["score"], seed=1, problem_type=None)
     folder = base["B"].save_checkpoint(model, base["tok"], tmp_path / "regression")
     err = _refused(capsys, folder, base["eval"], tmp_path)
-    assert "is a regression model (one output)" in err
+    assert "has one output (a regression head, or a binary classifier" in err
 
 
 @pytest.mark.parametrize("pad", [True, False])
@@ -130,3 +130,26 @@ def test_a_model_with_nan_weights_is_one_line_naming_the_weights(base, tmp_path,
     rows = len(base["df"])
     assert f"outputs NaN or infinite logits for {rows} of {rows} rows read so far (rows 0, 1, 2, ...)" in err
     assert "1 weight tensor(s) hold NaN or inf (bert.encoder.layer.1.output.LayerNorm.weight)" in err
+
+
+@pytest.mark.parametrize("kind", ["mpnet", "bert"])
+def test_the_position_limit_of_models_with_a_padding_position(base, kind):
+    """MPNet (like Longformer, ESM and I-BERT) numbers positions from pad id + 1 too, with no RoBERTa-named
+    helper to find: the offset comes from the position table's padding row; BERT's table has none."""
+    from transformers import BertConfig, BertForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
+
+    from collapse_detect.probe import model_max_length
+
+    tok = base["tok"]
+    tok.model_max_length = int(1e30)
+    shared = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=37, max_position_embeddings=20, pad_token_id=1, num_labels=3)
+    model = (MPNetForSequenceClassification(MPNetConfig(**shared)) if kind == "mpnet"
+             else BertForSequenceClassification(BertConfig(**shared))).eval()
+    limit = model_max_length(model, tok, None)
+    assert limit == (18 if kind == "mpnet" else 20)
+    with torch.no_grad():  # the longest input the limit allows runs, one more token does not fit (MPNet)
+        model(input_ids=torch.full((1, limit), 5))
+        if kind == "mpnet":
+            with pytest.raises(IndexError):
+                model(input_ids=torch.full((1, limit + 1), 5))

@@ -416,3 +416,41 @@ def test_a_defect_of_the_tool_exits_3_not_as_a_verdict(capsys, tmp_path, monkeyp
     assert err.strip().splitlines()[-1].startswith(
         "Error: collapse-detect failed unexpectedly (RuntimeError: state the probe cannot be in); nothing was judged")
     assert not out.exists()
+
+
+def test_write_fixed_that_fails_midway_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own error type, not OSError: it gave a traceback and exit 3 with
+    a half-written folder. Any failure while writing the fixed checkpoint is now one line, and the folder goes."""
+    import collapse_detect.model_evidence as evidence
+
+    class DiskFull(Exception):
+        pass
+
+    def half_written(model, tokenizer, offsets, out_dir, source_dir=None):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text("{}")
+        raise DiskFull("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(evidence, "write_fixed_checkpoint", half_written)
+    fixed, out = tmp_path / "fixed", tmp_path / "o"
+    _fails_cleanly(capsys, [str(COLLAPSED), str(SAMPLE), "--out", str(out), "--write-fixed", str(fixed), "--quiet"],
+                   f"cannot write --write-fixed {str(fixed)!r}: Error while serializing: No space left on device",
+                   nothing_at=out)
+    assert not fixed.exists()
+
+
+def test_a_report_that_cannot_land_leaves_no_junit_file(capsys, tmp_path, monkeypatch):
+    """The JUnit file is staged before the report lands and moved in after it: a report that cannot be moved into
+    --out leaves no JUnit file claiming a verdict."""
+    from collapse_detect.errors import InputError
+    from collapse_detect.outputs import OutputWriter
+
+    def refuse(self):  # as commit() fails: the staged files go, then one error
+        self.abort()
+        raise InputError(f"cannot write the report into {str(self.out_dir)!r}: No space left on device")
+
+    monkeypatch.setattr(OutputWriter, "commit", refuse)
+    junit = tmp_path / "ci" / "junit.xml"
+    _fails_cleanly(capsys, [str(COLLAPSED), str(SAMPLE), "--out", str(tmp_path / "o"), "--junit", str(junit),
+                            "--quiet"], "No space left on device")
+    assert not junit.exists() and not [p for p in junit.parent.iterdir()]

@@ -82,6 +82,24 @@ def write_junit(path, diagnosis, fail_on: str | None = None) -> Path:
     return path
 
 
+def stage_junit(path, diagnosis, fail_on: str | None = None) -> Path:
+    """The JUnit file written beside ``path`` under a temporary name, to be moved into place (``os.replace``) once
+    the report is: a file that cannot be written is found before the report lands, and a report that cannot
+    land leaves no JUnit file claiming a verdict."""
+    from .junit import render_junit
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(render_junit(diagnosis, fail_on))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 def append_step_summary(diagnosis, fail_on: str | None = None, environ=None) -> Path | None:
     """Append the Markdown summary to $GITHUB_STEP_SUMMARY when the runner sets it (GitHub Actions shows the file
     on the run's page). A summary that cannot be written is a warning: it must not change the gate's verdict."""
