@@ -281,8 +281,13 @@ def _saved_scalar(value):
         return value if abs(value) < 2**53 else f"<integer of {value.bit_length()} bits>"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+    if not isinstance(value, str):  # a list or dict: its repr can be gigabytes (one long string referred to often)
+        import reprlib
+
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = 60
+        value = short.repr(value)
+    return value if len(value) <= 200 else value[:200] + "..."
 
 
 def _posthoc(acc, options: RunOptions, train_counts) -> dict | None:
@@ -318,10 +323,13 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
                          "(fewer than two classes with two rows each)")
     out = Path(options.write_fixed)
     existed = out.exists()  # checked beforehand to be new or empty
+    before = set(out.iterdir()) if out.is_dir() else set()  # whatever appeared there since is left alone
     try:
         write_fixed_checkpoint(outcome.loaded.model, outcome.loaded.tokenizer, post["offsets"], out)
-    except Exception as exc:  # a full disk (safetensors' own error type), a file system that refuses writes
-        _empty_folder(out, remove=not existed)
+    except BaseException as exc:  # a full disk (safetensors' own error type), a refusing file system, Ctrl-C
+        _remove_written(out, before, remove_folder=not existed)
+        if not isinstance(exc, Exception):
+            raise
         text = str(exc).strip()
         reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
         raise InputError(f"cannot write --write-fixed {str(out)!r}: {reason}") from exc
@@ -333,15 +341,15 @@ def write_fixed(outcome: ProbeOutcome, diagnosis: Diagnosis, data_file, options:
             "note": "re-probed on the same eval rows the offsets were chosen on; confirm on held-out data"}
 
 
-def _empty_folder(folder: Path, *, remove: bool) -> None:
-    """Leave nothing of a half-written folder: its contents, and the folder itself when the run created it."""
+def _remove_written(folder: Path, before: set, *, remove_folder: bool) -> None:
+    """Leave nothing of a half-written folder: what this run wrote in it, and the folder when the run made it."""
     import shutil
 
-    if remove:
+    if remove_folder:
         shutil.rmtree(folder, ignore_errors=True)
         return
-    for child in folder.iterdir() if folder.is_dir() else ():
-        if child.is_dir():
+    for child in set(folder.iterdir() if folder.is_dir() else ()) - before:
+        if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)

@@ -275,17 +275,28 @@ def _numpy_scalar(dtype, data):
             and isinstance(data.args[0], str) and data.args[1] in ("latin1", "latin-1")):
         data = data.args[0].encode("latin-1")  # how pickle protocol 2 stores bytes
     if not (isinstance(dtype, _Named) and dtype.qualname == "numpy.dtype" and dtype.args
-            and str(dtype.args[0]) in NUMERIC_DTYPES and isinstance(data, bytes)):
+            and isinstance(dtype.args[0], str) and dtype.args[0] in NUMERIC_DTYPES and isinstance(data, bytes)):
         return "<numpy scalar>"
     state = dtype.state if isinstance(dtype.state, tuple) else ()
     order = state[1] if len(state) > 1 and state[1] in ("<", ">", "=", "|") else "="
-    kind = np.dtype(str(dtype.args[0])).newbyteorder(order)
+    kind = np.dtype(dtype.args[0]).newbyteorder(order)
     if len(data) != kind.itemsize:
         return "<numpy scalar>"
     return np.frombuffer(data, dtype=kind)[0].item()
 
 
 PLAIN_VALUE_LIMIT = 100_000  # values rebuilt from one saved object; training_args.bin has a few hundred
+
+
+def _key(key) -> str:
+    """A dict key as short text: str(bytes) of 16 MB, rebuilt for every reference to its dict, would be gigabytes."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (bool, float, type(None))):
+        return str(key)
+    if isinstance(key, int):
+        return str(key) if abs(key) < 10**100 else "<integer key>"
+    return f"<{type(key).__name__} key>"
 
 
 def _plain(value, depth: int = 0, budget: list | None = None):
@@ -304,15 +315,17 @@ def _plain(value, depth: int = 0, budget: list | None = None):
         if isinstance(value.state, tuple) and value.state and isinstance(value.state[0], dict):
             value.state = value.state[0]  # (__dict__, __slots__) state
         if isinstance(value.state, dict):
-            return {str(k): _plain(v, depth + 1, budget) for k, v in value.state.items()}
+            return {_key(k): _plain(v, depth + 1, budget) for k, v in value.state.items()}
         if len(value.args) == 1 and value.state is None and value.qualname.rsplit(".", 1)[-1][:1].isupper():
             return _plain(value.args[0], depth + 1, budget)  # a class called with one value: Enum(value) and such
         return f"<{value.qualname}>"
     if isinstance(value, (list, tuple)):
         return [_plain(v, depth + 1, budget) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v, depth + 1, budget) for k, v in value.items()}
-    return value
+        return {_key(k): _plain(v, depth + 1, budget) for k, v in value.items()}
+    if isinstance(value, (str, int, float, type(None))):
+        return value
+    return f"<{type(value).__name__}>"  # bytes, sets: no field of a saved configuration
 
 
 def read_saved_object(path: Path) -> object:
@@ -324,12 +337,50 @@ def read_saved_object(path: Path) -> object:
     import pickle
     import zipfile
 
-    class Reader(pickle.Unpickler):
+    def flat(key):  # hashing or comparing a nested tuple can take for ever or overflow the C stack
+        if not isinstance(key, (str, bytes, int, float, type(None), _Named)):
+            raise ValueError(f"a dict key or set member of type {type(key).__name__}")
+        return key
+
+    class Reader(pickle._Unpickler):  # the Python reader, so that keys can be checked before they are hashed
+        dispatch = dict(pickle._Unpickler.dispatch)
+
         def find_class(self, module, name):
             return type(name, (_Named,), {"qualname": f"{module}.{name}"})
 
         def persistent_load(self, pid):  # tensor storages: not needed for the fields
             return None
+
+        def load_setitem(self):
+            value = self.stack.pop()
+            key = flat(self.stack.pop())
+            self.stack[-1][key] = value
+
+        def load_setitems(self):
+            items = self.pop_mark()
+            target = self.stack[-1]
+            for i in range(0, len(items), 2):
+                target[flat(items[i])] = items[i + 1]
+
+        def load_dict(self):
+            items = self.pop_mark()
+            self.append({flat(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+        def load_additems(self):
+            items = self.pop_mark()
+            target = self.stack[-1]
+            if not isinstance(target, set):
+                raise ValueError("ADDITEMS on something other than a set")
+            target.update(flat(i) for i in items)
+
+        def load_frozenset(self):
+            self.append(frozenset(flat(i) for i in self.pop_mark()))
+
+        dispatch[pickle.SETITEM[0]] = load_setitem
+        dispatch[pickle.SETITEMS[0]] = load_setitems
+        dispatch[pickle.DICT[0]] = load_dict
+        dispatch[pickle.ADDITEMS[0]] = load_additems
+        dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     too_big = ValueError(f"its pickle is over {PICKLE_READ_LIMIT} bytes, more than a saved configuration")
     try:

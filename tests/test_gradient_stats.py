@@ -236,3 +236,58 @@ def test_saved_numpy_numbers_and_malformed_files(tmp_path):
     path.write_bytes(bytes(raw))
     read = _training_args(path, allow_pickle=True)
     assert read["read"] is False and read["note"].startswith("could not read training_args.bin: unreadable archive")
+
+
+HOSTILE_READ = """
+import sys
+from collapse_detect.api import _training_args
+from collapse_detect.checkpoint import read_saved_object
+for path in sys.argv[1:]:
+    try:
+        read_saved_object(path)
+        print("read")
+    except ValueError as exc:
+        print("refused", str(exc)[:80])
+    result = _training_args(path, allow_pickle=True)
+    assert result["read"] is False or all(len(str(v)) <= 400 for v in result.values()), result
+"""
+
+
+def test_hostile_pickles_are_refused_quickly(tmp_path):
+    """Pickles of a few hundred bytes whose keys or values cost exponential time or memory to hash, compare or
+    print: a dict key that is a tuple holding the same tuple twice, 40 levels deep (hashing it visits 2**40
+    tuples), a frozenset of such tuples as a value, a 1 MB string referred to 2,000 times (a repr of 2 GB). Each
+    is refused or cut short; the reads run in a subprocess with a timeout, so a hang fails the test."""
+    import pickle
+    import struct
+    import subprocess
+    import sys
+    import zipfile
+
+    def zipped(name, data):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("archive/data.pkl", data)
+        return path
+
+    def body(obj):  # the opcodes that push obj, without the protocol header, frame and STOP
+        data = pickle.dumps(obj, protocol=4)[2:-1]
+        return data[9:] if data[:1] == b"\x95" else data
+
+    nested = ()
+    for _ in range(40):
+        nested = (nested, nested)
+    tuple_key = zipped("tuple_key.bin", b"\x80\x04}" + body(nested) + b"K\x01s.")
+    set_value = zipped("set_value.bin", b"\x80\x04}\x8c\rlearning_rate(" + body(nested) + b"\x91s.")
+    text = b"x" * 2**20
+    refs = (b"\x80\x04}\x8c\rlearning_rate(\x8e" + struct.pack("<Q", len(text)) + text + b"\x94"
+            + b"h\x00" * 1999 + b"ls.")
+    many_refs = zipped("many_refs.bin", refs)
+    assert max(p.stat().st_size for p in (tuple_key, set_value)) < 2000
+    done = subprocess.run([sys.executable, "-c", HOSTILE_READ, str(tuple_key), str(set_value), str(many_refs)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused unreadable pickle (ValueError: a dict key or set member of type tuple")
+    assert lines[1].startswith("refused unreadable pickle (ValueError: a dict key or set member of type tuple")
+    assert lines[2] == "read"  # a list of one string, cut to 200 characters in the report

@@ -84,8 +84,8 @@ def write_junit(path, diagnosis, fail_on: str | None = None) -> Path:
 
 def stage_junit(path, diagnosis, fail_on: str | None = None) -> Path:
     """The JUnit file written beside ``path`` under a temporary name, to be moved into place (``os.replace``) once
-    the report is: a file that cannot be written is found before the report lands, and a report that cannot
-    land leaves no JUnit file claiming a verdict."""
+    the report is: a folder where it cannot be written is found before the report lands, and a report that
+    cannot land leaves no JUnit file claiming a verdict."""
     from .junit import render_junit
 
     path = Path(path)
