@@ -62,26 +62,6 @@ def save_report(diagnosis, out_dir, formats=None, fail_on: str | None = None) ->
     return writer.commit()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_junit(path, diagnosis, fail_on: str | None = None) -> Path:
-    from .junit import render_junit
-
-    path = Path(path)
-    _atomic_write(path, render_junit(diagnosis, fail_on))
-    return path
-
-
 def stage_junit(path, diagnosis, fail_on: str | None = None) -> Path:
     """The JUnit file written beside ``path`` under a temporary name, to be moved into place (``os.replace``) once
     the report is: a folder where it cannot be written is found before the report lands, and a report that
