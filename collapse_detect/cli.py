@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CollapseDetectError, InputError
+from .errors import CollapseDetectError, InputError, describe
 from .outputs import FORMATS
 from .runtime import DEFAULT_BATCH_ROWS, DEFAULT_BATCH_TOKENS, SEED_MAX
 
@@ -181,7 +181,7 @@ def _main(argv: list[str] | None) -> int:
         import traceback
 
         traceback.print_exc()
-        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        message = describe(exc)[:300]
         print(f"Error: collapse-detect failed unexpectedly ({message}); nothing was judged. The traceback above "
               "is what a bug report needs", file=sys.stderr)
         from .distributed import notify_failure

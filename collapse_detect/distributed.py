@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CollapseDetectError
+from .errors import CollapseDetectError, describe
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def _shard_or_fail(env: DistEnv, group: Group, model_dir, data_file, options, ke
         group.fail(str(exc))
         raise
     except BaseException as exc:
-        group.fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400])
+        group.fail(describe(exc)[:400])
         raise
     try:
         counts = group.exchange(part.chunks if part is not None else 0)  # the status step

@@ -1,6 +1,12 @@
 """The errors a user sees. Each message names what arrived, what was expected and the flag that fixes it."""
 
 
+def describe(exc: BaseException) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class CollapseDetectError(Exception):
     """Base class: a user-facing problem reported as one line, exit code 2."""
 
