@@ -212,10 +212,10 @@ def check_judgeable(model, head, where: str) -> None:
             f"{where} is a multi-label classifier (problem_type 'multi_label_classification' in its config): each "
             "class has its own sigmoid; collapse-detect judges single-label classifiers, whose classes share one "
             "softmax")
-    if problem == "regression" or int(getattr(config, "num_labels", 2)) < 2:
-        if problem == "regression":
-            raise CheckpointError(f"{where} is a regression model (problem_type 'regression'); collapse-detect "
-                                  "judges classifiers with two or more classes")
+    if problem == "regression":
+        raise CheckpointError(f"{where} is a regression model (problem_type 'regression'); collapse-detect judges "
+                              "classifiers with two or more classes")
+    if int(getattr(config, "num_labels", 2)) < 2:
         raise CheckpointError(f"{where} has one output (a regression head, or a binary classifier with a single "
                               "sigmoid output); collapse-detect judges classifiers with one output per class, two "
                               "or more")
